@@ -1,0 +1,282 @@
+"""Typed configuration: dataclass sections, a YAML recipe, `dotted.key=value` overrides, strict validation.
+
+An unknown key or a value of the wrong type raises UserError naming the key and what was expected, before
+anything is built, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from batchssl.errors import UserError
+
+DEFAULT_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "fashion_mnist" / "simsiam_bf.yaml"
+
+
+@dataclass
+class DataConfig:
+    name: Literal["fashion_mnist", "cifar10", "cifar100", "stl10", "imagefolder"] = "fashion_mnist"
+    root: str = "data"  # Fashion-MNIST also looks in /usr/share/datasets/fashion-mnist (Debian's package)
+    download: bool = False  # let torchvision download a missing dataset (needs internet)
+    limit: Optional[int] = None  # use only the first N training images
+    val_limit: Optional[int] = None  # use only the first N validation images
+    # Hold out the last N training images as the validation split (for tuning without touching the test split).
+    holdout: int = 0
+    num_workers: int = 2
+    image_size: Optional[int] = None  # None: the dataset's natural size (28, 32, 96, 224)
+
+
+@dataclass
+class AugmentConfig:
+    # auto: the method's paper augmentation (SimSiam: MoCo v2's; MoCo v3: BYOL's asymmetric pair).
+    preset: Literal["auto", "simsiam", "byol"] = "auto"
+    min_scale: Optional[float] = None  # RandomResizedCrop lower bound; None: the preset's (0.2 SimSiam, 0.08 BYOL)
+    color_jitter: float = 1.0  # colour-jitter strength multiplier (0 disables)
+    blur: Optional[bool] = None  # None: on for images >= 64 px (blur at 32 px destroys them)
+    solarize: bool = True  # BYOL preset only
+    hflip: float = 0.5
+
+
+@dataclass
+class ModelConfig:
+    arch: Literal["resnet18", "resnet50", "vit_tiny", "vit_small", "vit_base"] = "resnet18"
+    width: float = 1.0  # channel multiplier for ResNets (0.25 -> 16 stem channels)
+    stem: Literal["auto", "cifar", "imagenet"] = "auto"  # auto: cifar for images < 64 px
+    patch_size: Optional[int] = None  # ViT: None -> 4 for small images, 16 otherwise
+    freeze_patch_embed: bool = False  # MoCo v3's random-patch-projection trick for ViT stability
+
+
+@dataclass
+class MethodConfig:
+    name: Literal["simsiam", "mocov3"] = "simsiam"
+    proj_hidden_dim: int = 2048
+    proj_dim: int = 2048
+    proj_layers: int = 3
+    pred_hidden_dim: int = 512
+    temperature: float = 1.0  # MoCo v3 tau
+    momentum: float = 0.99  # MoCo v3 m0 (cosine to 1)
+
+
+@dataclass
+class BatchFormerConfig:
+    enabled: bool = False
+    scope: Literal["joint", "per_view"] = "joint"
+    position: Literal["projector", "backbone"] = "projector"
+    gather: bool = False  # attend over the global batch (all processes), with gradients
+    weight: float = 1.0  # weight of the BatchFormer stream's loss
+    lr_scale: float = 1.0
+    nhead: int = 4
+    dropout: float = 0.5
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd", "lars", "adamw"] = "sgd"
+    base_lr: float = 0.05  # lr = base_lr * global_batch / 256
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_epochs: float = 0.0
+    fixed_predictor_lr: bool = False  # SimSiam: predictor keeps the initial lr (no cosine decay)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    batch_size: int = 512  # global batch, split evenly across processes
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    log_every_n_steps: int = 10
+    log_with: Optional[Literal["tensorboard", "wandb"]] = None
+    max_grad_norm: Optional[float] = None
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_epochs: int = 10
+    keep_last: int = 2
+    resume: str = "auto"  # auto (newest complete checkpoint in output_dir), none, or a checkpoint directory
+
+
+@dataclass
+class MonitorConfig:
+    every_n_epochs: int = 0  # 0: only at the end of training
+    k: int = 200
+    temperature: float = 0.1
+    batch_size: int = 512
+    enabled: bool = True
+
+
+@dataclass
+class Config:
+    output_dir: str = "runs/default"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    batchformer: BatchFormerConfig = field(default_factory=BatchFormerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return "[" + ", ".join(_describe(a) for a in typing.get_args(tp)) + "]"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return value as type tp, or raise UserError naming the key and the expected type."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except UserError:
+                pass
+    elif origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif origin is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, (list, tuple)) and len(value) == len(args):
+            return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise UserError(f"config key '{key}' expects {_describe(tp)}, got {value!r}")
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    if not isinstance(values, dict):
+        raise UserError(f"config key '{prefix.rstrip('.') or '<root>'}' expects a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known: {', '.join(names)})"
+            raise UserError(f"unknown config key '{prefix}{key}'{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, tp, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    node = tree
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"config key '{dotted}': '{part}' is not a section")
+        node = child
+    node[last] = value
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(tree, dict):
+        raise UserError(f"config file {path} must hold a mapping at the top level")
+    return tree
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Recipe YAML (default: the Fashion-MNIST SimSiam+BatchFormer recipe) plus `dotted.key=value` overrides."""
+    tree = read_yaml(recipe or DEFAULT_RECIPE)
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override '{item}' is not of the form dotted.key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key.strip(), value)
+    cfg = _build(Config, tree)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that a type alone cannot express."""
+    checks = [
+        (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
+        (cfg.train.batch_size >= 2, "train.batch_size must be >= 2 (batch statistics need two samples)"),
+        (cfg.data.limit is None or cfg.data.limit >= 1, "data.limit must be >= 1"),
+        (cfg.data.val_limit is None or cfg.data.val_limit >= 1, "data.val_limit must be >= 1"),
+        (cfg.data.holdout >= 0, "data.holdout must be >= 0"),
+        (cfg.checkpoint.every_n_epochs >= 0, "checkpoint.every_n_epochs must be >= 0 (0: only at the end)"),
+        (cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1"),
+        (cfg.monitor.every_n_epochs >= 0, "monitor.every_n_epochs must be >= 0 (0: only at the end)"),
+        (cfg.method.temperature > 0, "method.temperature must be > 0"),
+        (0 <= cfg.method.momentum <= 1, "method.momentum must be in [0, 1]"),
+        (0 <= cfg.batchformer.dropout < 1, "batchformer.dropout must be in [0, 1)"),
+        (cfg.method.proj_layers >= 2, "method.proj_layers must be >= 2"),
+        (cfg.model.width > 0, "model.width must be > 0"),
+        (cfg.train.log_every_n_steps >= 1, "train.log_every_n_steps must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+
+
+def to_dict(cfg: Config) -> dict:
+    def plain(value):
+        return list(value) if isinstance(value, tuple) else value
+
+    return {
+        f.name: (to_dict(getattr(cfg, f.name)) if dataclasses.is_dataclass(getattr(cfg, f.name))
+                 else plain(getattr(cfg, f.name)))
+        for f in dataclasses.fields(cfg)
+    }
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+    """The fully resolved config a run directory was trained with."""
+    path = Path(run_dir) / "config.yaml"
+    if not Path(run_dir).is_dir():
+        raise UserError(f"run directory not found: {run_dir}")
+    if not path.is_file():
+        raise UserError(f"{run_dir} has no config.yaml: is it a BatchSSL run directory?")
+    return _build(Config, read_yaml(path))

@@ -1,0 +1,84 @@
+"""Process-group helpers that also work with no process group (one process) and on the CPU (gloo)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from lightly.models.utils import concat_all_gather
+from lightly.utils.dist import gather as gather_with_grad
+from torch import nn
+from torch.distributed.nn.functional import all_reduce as all_reduce_with_grad
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if world_size() > 1 else 0
+
+
+def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenation of x over processes in rank order (no gradient: MoCo keys)."""
+    return concat_all_gather(x) if world_size() > 1 else x
+
+
+def all_gather_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenation over processes in rank order; gradients flow back to each process's own slice."""
+    return torch.cat(gather_with_grad(x)) if world_size() > 1 else x
+
+
+class CrossProcessBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Batch norm over the global batch for devices torch's SyncBatchNorm refuses (the CPU, with gloo).
+
+    Two differentiable all-reduces (mean, then the centred second moment), so the statistics equal one process's
+    on the concatenated batch up to float rounding, and gradients flow across processes as in torch's SyncBatchNorm.
+    """
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and world_size() > 1):
+            return super().forward(x)
+        dims = [0] + list(range(2, x.dim()))
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
+        total = all_reduce_with_grad(count.detach())
+        mean = all_reduce_with_grad(x.sum(dims)) / total
+        centred = x - mean.view(shape)
+        var = all_reduce_with_grad((centred * centred).sum(dims)) / total
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.detach(), m)
+                self.running_var.lerp_(var.detach() * total / (total - 1), m)
+        y = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y
+
+
+def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """BatchNorm -> torch's SyncBatchNorm on accelerators, CrossProcessBatchNorm on the CPU."""
+    if device.type != "cpu":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    converted = module
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, CrossProcessBatchNorm):
+        converted = CrossProcessBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                                          module.track_running_stats)
+        if module.affine:
+            with torch.no_grad():
+                converted.weight.copy_(module.weight)
+                converted.bias.copy_(module.bias)
+            converted.weight.requires_grad_(module.weight.requires_grad)
+            converted.bias.requires_grad_(module.bias.requires_grad)
+        if module.track_running_stats:
+            converted.running_mean.copy_(module.running_mean)
+            converted.running_var.copy_(module.running_var)
+            converted.num_batches_tracked.copy_(module.num_batches_tracked)
+    for name, child in module.named_children():
+        converted.add_module(name, convert_sync_batchnorm(child, device))
+    return converted

@@ -1,0 +1,62 @@
+"""What SimSiam and MoCo v3 share: the online branch with the optional BatchFormer streams, parameter groups."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from batchssl.batchformer import BatchFormer, two_streams
+from batchssl.config import BatchFormerConfig, OptimConfig
+
+
+class SSLMethod(nn.Module):
+    """Subclasses set self.projector and self.predictor (projector output dim: self.proj_dim)."""
+
+    projector: nn.Module
+    predictor: nn.Module
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, batchformer: BatchFormerConfig):
+        super().__init__()
+        self.backbone = backbone
+        self.feature_dim = feature_dim
+        self.bf_cfg = batchformer
+        self.batchformer: BatchFormer | None = None
+
+    def _add_batchformer(self, proj_dim: int) -> None:
+        if self.bf_cfg.enabled:
+            dim = proj_dim if self.bf_cfg.position == "projector" else self.feature_dim
+            self.batchformer = BatchFormer(dim, self.bf_cfg)
+
+    def _bf_at(self, position: str) -> BatchFormer | None:
+        return self.batchformer if self.bf_cfg.position == position else None
+
+    def project(self, views: list[Tensor]) -> list[Tensor]:
+        """Online projector outputs per view. In training with BatchFormer each holds 2n rows: [:n] the original
+        stream, [n:] the BatchFormer stream."""
+        h = two_streams(self._bf_at("backbone"), [self.backbone(x) for x in views])
+        return two_streams(self._bf_at("projector"), [self.projector(x) for x in h])
+
+    def trainable_parts(self) -> dict[str, nn.Module]:
+        """Named parts whose parameters the optimizer updates (momentum encoders excluded)."""
+        parts = {"backbone": self.backbone, "projector": self.projector, "predictor": self.predictor}
+        if self.batchformer is not None:
+            parts["batchformer"] = self.batchformer
+        return parts
+
+    def parameter_groups(self, cfg: OptimConfig) -> list[dict]:
+        """Per part, two groups: weights with weight decay, and norms/biases (ndim <= 1) without it.
+
+        Extra keys read by the training loop's scheduler: `lr_scale` (BatchFormer's) and `fixed_lr` (SimSiam's
+        predictor option: keeps the initial lr, no warmup/cosine). LARS skips groups with weight_decay 0 entirely,
+        which is the MoCo v3 / BYOL exclusion of biases and norms from adaptation.
+        """
+        groups = []
+        for name, part in self.trainable_parts().items():
+            params = [p for p in part.parameters() if p.requires_grad]
+            lr_scale = self.bf_cfg.lr_scale if name == "batchformer" else 1.0
+            fixed = cfg.fixed_predictor_lr and name == "predictor"
+            for decay, members in ((cfg.weight_decay, [p for p in params if p.ndim > 1]),
+                                   (0.0, [p for p in params if p.ndim <= 1])):
+                if members:
+                    groups.append({"params": members, "weight_decay": decay, "lr_scale": lr_scale,
+                                   "fixed_lr": fixed, "name": f"{name}{'' if decay else '_no_decay'}"})
+        return groups
