@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
-from lightly.models.utils import concat_all_gather
-from lightly.utils.dist import gather as gather_with_grad
 from torch import nn
-from torch.distributed.nn.functional import all_reduce as all_reduce_with_grad
+from torch.distributed.nn.functional import all_gather as _all_gather_with_grad
+from torch.distributed.nn.functional import all_reduce as _all_reduce_with_grad
+
+# On gloo, collectives issued from inside backward (synced batch norm, BatchFormer's gather) on the default group
+# race DDP's own asynchronous gradient all-reduces and get paired with the wrong tensors (wrong gradients or an
+# abort). They get a process group of their own there; on NCCL the default group is right (torch's SyncBatchNorm
+# does the same).
+_model_group = None
+# torch.distributed.nn.functional warns that it is deprecated; its autograd collectives (a backward that sums the
+# gradients of every process) are exactly what synced statistics and gathered attention need, so keep it, quietly.
+warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\..* is deprecated")
 
 
 def world_size() -> int:
@@ -18,14 +28,35 @@ def rank() -> int:
     return dist.get_rank() if world_size() > 1 else 0
 
 
+def init_model_group(device: torch.device) -> None:
+    """Collective: every process calls it once, after the process group exists and before the model runs."""
+    global _model_group
+    if world_size() > 1 and device.type == "cpu" and _model_group is None:
+        _model_group = dist.new_group(backend="gloo")
+
+
+def _group():
+    return _model_group if _model_group is not None else dist.group.WORLD
+
+
+def all_reduce_with_grad(x: torch.Tensor) -> torch.Tensor:
+    return _all_reduce_with_grad(x, group=_group())
+
+
+@torch.no_grad()
 def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenation of x over processes in rank order (no gradient: MoCo keys)."""
-    return concat_all_gather(x) if world_size() > 1 else x
+    if world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.contiguous(), group=_group())
+    return torch.cat(parts)
 
 
 def all_gather_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenation over processes in rank order; gradients flow back to each process's own slice."""
-    return torch.cat(gather_with_grad(x)) if world_size() > 1 else x
+    """Concatenation over processes in rank order; each process's slice receives the gradients of every
+    process's loss (the backward sums them across processes, as DDP's averaging then expects)."""
+    return torch.cat(_all_gather_with_grad(x.contiguous(), group=_group())) if world_size() > 1 else x
 
 
 class CrossProcessBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -67,8 +98,10 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     converted = module
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, CrossProcessBatchNorm):
+        like = next(iter(module.state_dict().values()))  # keep the device and float dtype
         converted = CrossProcessBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                                          module.track_running_stats)
+                                          module.track_running_stats, device=like.device,
+                                          dtype=module.running_mean.dtype if module.track_running_stats else like.dtype)
         if module.affine:
             with torch.no_grad():
                 converted.weight.copy_(module.weight)

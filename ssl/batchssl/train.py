@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from batchssl.augment import eval_transform, view_transforms
 from batchssl.backbones import build_backbone
 from batchssl.config import Config, OptimConfig, save_config, to_dict
 from batchssl.data import EpochShardSampler, Transformed, TwoViews, dataset_info, eval_datasets, pretrain_dataset
-from batchssl.distributed import convert_sync_batchnorm
+from batchssl.distributed import convert_sync_batchnorm, init_model_group
 from batchssl.errors import NonFiniteLossError, UserError
 from batchssl.methods import build_method
 
@@ -98,6 +99,22 @@ class MetricsLog:
             self.accelerator.log(numbers, step=record["step"])
 
 
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop the lines an interrupted run logged after the checkpoint it resumes from (they are logged again)."""
+    if path.is_file():
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= last_step]
+        if len(kept) != len(lines):
+            path.write_text("".join(kept))
+
+
+def make_accelerator(**kwargs) -> Accelerator:
+    """An Accelerator that also forms a process group when torchrun starts several processes on a machine
+    without GPUs (Accelerate only does so with cpu=True; with GPUs it picks NCCL by itself)."""
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(cpu=several and not torch.cuda.is_available(), **kwargs)
+
+
 def _check_trackers(log_with: str | None) -> None:
     package = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(log_with)
     if package and importlib.util.find_spec(package) is None:
@@ -108,8 +125,8 @@ def train(cfg: Config) -> dict:
     """Pretrain as the config says; returns the last logged metrics. Raises UserError on bad input."""
     _check_trackers(cfg.train.log_with)
     out = Path(cfg.output_dir)
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=cfg.train.log_with,
-                              project_dir=str(out))
+    accelerator = make_accelerator(mixed_precision=cfg.train.mixed_precision, log_with=cfg.train.log_with,
+                                   project_dir=str(out))
     world, rank = accelerator.num_processes, accelerator.process_index
     if cfg.train.batch_size < world or cfg.train.batch_size % world:
         raise UserError(f"train.batch_size={cfg.train.batch_size} must be a multiple of the number of processes "
@@ -145,6 +162,7 @@ def train(cfg: Config) -> dict:
     backbone, feature_dim = build_backbone(cfg.model, info.in_channels, info.image_size)
     method = build_method(cfg, backbone, feature_dim)
     if world > 1:
+        init_model_group(accelerator.device)
         method = convert_sync_batchnorm(method, accelerator.device)
     optimizer = build_optimizer(method.parameter_groups(cfg.optim), cfg.optim)
     method, optimizer = accelerator.prepare(method, optimizer)
@@ -159,6 +177,7 @@ def train(cfg: Config) -> dict:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
+        truncate_metrics(out / "metrics.jsonl", start_epoch * sampler.steps_per_epoch())
     if cfg.train.log_with:
         accelerator.init_trackers("batchssl", config={f"{s}.{k}": v for s, sec in to_dict(cfg).items()
                                                       if isinstance(sec, dict) for k, v in sec.items()})

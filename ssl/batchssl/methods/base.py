@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from batchssl.batchformer import BatchFormer, two_streams
 from batchssl.config import BatchFormerConfig, OptimConfig
+
+
+def upcast(x: Tensor) -> Tensor:
+    """Losses in at least float32 under mixed precision (float64 stays float64, for exact tests)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 class SSLMethod(nn.Module):

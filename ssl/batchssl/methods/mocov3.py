@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from batchssl.config import BatchFormerConfig, MethodConfig
 from batchssl.distributed import all_gather_no_grad, rank
-from batchssl.methods.base import SSLMethod
+from batchssl.methods.base import SSLMethod, upcast
 
 
 def mlp(in_dim: int, hidden: int, out: int, layers: int, last_bn: bool) -> ProjectionHead:
@@ -37,8 +37,8 @@ def moco_momentum(step: int, total_steps: int, m0: float) -> float:
 
 def contrastive_loss(q: Tensor, k: Tensor, temperature: float) -> Tensor:
     """InfoNCE of local queries against the keys of all processes; positives are this process's own keys."""
-    q = F.normalize(q.float(), dim=1)
-    k = F.normalize(all_gather_no_grad(k.float()), dim=1)
+    q = F.normalize(upcast(q), dim=1)
+    k = F.normalize(all_gather_no_grad(upcast(k)), dim=1)
     logits = q @ k.T / temperature
     labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * rank()
     return F.cross_entropy(logits, labels) * (2.0 * temperature)
@@ -75,7 +75,7 @@ class MoCoV3(SSLMethod):
             loss = loss + self.bf_cfg.weight * loss_bf
             out["loss_bf"] = loss_bf.detach()
         with torch.no_grad():
-            out["z_std"] = std_of_l2_normalized(z1[:n].float())
+            out["z_std"] = std_of_l2_normalized(upcast(z1[:n]))
         out["momentum"] = torch.tensor(m)
         out["loss"] = loss
         return out

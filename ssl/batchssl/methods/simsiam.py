@@ -9,7 +9,7 @@ from lightly.utils.debug import std_of_l2_normalized
 from torch import Tensor, nn
 
 from batchssl.config import BatchFormerConfig, MethodConfig
-from batchssl.methods.base import SSLMethod
+from batchssl.methods.base import SSLMethod, upcast
 
 
 def simsiam_projector(in_dim: int, hidden: int, out: int, layers: int) -> ProjectionHead:
@@ -30,7 +30,7 @@ class SimSiam(SSLMethod):
         self._add_batchformer(cfg.proj_dim)
 
     def symmetric_loss(self, p1: Tensor, p2: Tensor, z1: Tensor, z2: Tensor) -> Tensor:
-        return 0.5 * (self.criterion(p1.float(), z2.detach().float()) + self.criterion(p2.float(), z1.detach().float()))
+        return 0.5 * (self.criterion(upcast(p1), upcast(z2.detach())) + self.criterion(upcast(p2), upcast(z1.detach())))
 
     def forward(self, views: list[Tensor], step: int = 0, total_steps: int = 1) -> dict[str, Tensor]:
         n = views[0].shape[0]
@@ -44,6 +44,6 @@ class SimSiam(SSLMethod):
             loss = loss + self.bf_cfg.weight * loss_bf
             out["loss_bf"] = loss_bf.detach()
         with torch.no_grad():
-            out["z_std"] = std_of_l2_normalized(z1[:n].float())
+            out["z_std"] = std_of_l2_normalized(upcast(z1[:n]))
         out["loss"] = loss
         return out

@@ -1,0 +1,95 @@
+"""BatchFormer semantics of DESIGN.md: masking, scopes, gradients, training-only, absent from the export."""
+
+import pytest
+import torch
+
+from batchssl.batchformer import BatchFormer, joint_mask, two_streams
+from batchssl.checkpoint import export_backbone, load_backbone
+from batchssl.config import BatchFormerConfig, MethodConfig, ModelConfig
+from batchssl.backbones import build_backbone
+from batchssl.methods.mocov3 import MoCoV3
+from batchssl.methods.simsiam import SimSiam
+
+
+def test_joint_mask_hides_exactly_the_own_other_view():
+    mask = joint_mask(n=3, blocks=2, device=torch.device("cpu"))
+    assert mask.shape == (12, 12) and mask.sum() == 12
+    # process 0: rows 0..2 view 1, 3..5 view 2; process 1: rows 6..8, 9..11
+    for i, j in [(0, 3), (3, 0), (2, 5), (6, 9), (11, 8)]:
+        assert mask[i, j]
+    assert not mask[0, 0] and not mask[0, 4] and not mask[0, 9]
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_joint_output_does_not_depend_on_own_other_view(dropout):
+    torch.manual_seed(0)
+    bf = BatchFormer(8, BatchFormerConfig(enabled=True, dropout=dropout)).train()
+    z1, z2 = torch.randn(5, 8, requires_grad=True), torch.randn(5, 8, requires_grad=True)
+    out1, out2 = bf([z1, z2])
+    (out1[2] * torch.randn(8)).sum().backward()  # a plain sum of a LayerNorm output has no gradient
+    assert torch.equal(z2.grad[2], torch.zeros(8))  # exactly 0: the positive pair never leaks
+    assert z2.grad[[0, 1, 3, 4]].abs().sum() > 0  # the other samples' second views are attended to
+    assert z1.grad.abs().sum() > 0
+
+
+def test_per_view_scope_keeps_views_apart():
+    torch.manual_seed(0)
+    bf = BatchFormer(8, BatchFormerConfig(enabled=True, scope="per_view", dropout=0.0)).train()
+    z1, z2 = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+    out1, out2 = bf([z1, z2])
+    (out1 * torch.randn_like(out1)).sum().backward()
+    assert z2.grad is None or torch.equal(z2.grad, torch.zeros_like(z2))
+    assert z1.grad[1:].abs().sum() > 0
+
+
+def test_two_streams_only_in_training():
+    bf = BatchFormer(8, BatchFormerConfig(enabled=True))
+    views = [torch.randn(4, 8), torch.randn(4, 8)]
+    streams = two_streams(bf.train(), views)
+    assert [s.shape[0] for s in streams] == [8, 8]
+    assert torch.equal(streams[0][:4], views[0])
+    bf.eval()
+    assert all(a is b for a, b in zip(two_streams(bf, views), views))
+
+
+def tiny_method(cls, position="projector", **method_kwargs):
+    backbone, dim = build_backbone(ModelConfig(arch="resnet18", width=0.125), in_channels=1, image_size=16)
+    cfg = MethodConfig(name="simsiam" if cls is SimSiam else "mocov3", proj_hidden_dim=32, proj_dim=16,
+                       proj_layers=2, pred_hidden_dim=8, **method_kwargs)
+    return cls(backbone, dim, cfg, BatchFormerConfig(enabled=True, position=position, weight=0.5))
+
+
+@pytest.mark.parametrize("cls", [SimSiam, MoCoV3])
+@pytest.mark.parametrize("position", ["projector", "backbone"])
+def test_batchformer_is_trained(cls, position):
+    torch.manual_seed(0)
+    method = tiny_method(cls, position).train()
+    out = method([torch.randn(6, 1, 16, 16), torch.randn(6, 1, 16, 16)], 0, 10)
+    assert out["loss"].item() == pytest.approx(out["loss_main"].item() + 0.5 * out["loss_bf"].item(), rel=1e-5)
+    out["loss"].backward()
+    bf_params = list(method.batchformer.named_parameters())
+    assert bf_params and all(p.requires_grad for _, p in bf_params)
+    for name, p in bf_params:
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert method.batchformer in method.trainable_parts().values()
+    grouped = {id(p) for g in method.parameter_groups(__import__("batchssl.config").config.OptimConfig())
+               for p in g["params"]}
+    assert all(id(p) in grouped for _, p in bf_params)
+
+
+def test_eval_mode_skips_batchformer():
+    method = tiny_method(SimSiam).eval()
+    out = method([torch.randn(4, 1, 16, 16), torch.randn(4, 1, 16, 16)])
+    assert "loss_bf" not in out
+    z1, _ = method.project([torch.randn(4, 1, 16, 16), torch.randn(4, 1, 16, 16)])
+    assert z1.shape[0] == 4
+
+
+def test_exported_backbone_has_no_batchformer(tmp_path):
+    method = tiny_method(MoCoV3)
+    export_backbone(method.backbone, tmp_path / "backbone.safetensors")
+    fresh, _ = build_backbone(ModelConfig(arch="resnet18", width=0.125), in_channels=1, image_size=16)
+    load_backbone(fresh, tmp_path / "backbone.safetensors")  # strict: exactly the backbone's keys
+    from safetensors.torch import load_file
+    keys = load_file(str(tmp_path / "backbone.safetensors")).keys()
+    assert not any("batchformer" in k or "self_attn" in k or "projector" in k for k in keys)

@@ -1,0 +1,75 @@
+import subprocess
+import sys
+
+import pytest
+
+from batchssl.config import DEFAULT_RECIPE, load_config, load_run_config, save_config
+from batchssl.errors import UserError
+from conftest import REPO
+
+
+def test_default_recipe_is_fashion_mnist_simsiam_with_batchformer():
+    cfg = load_config()
+    assert (cfg.data.name, cfg.method.name, cfg.batchformer.enabled) == ("fashion_mnist", "simsiam", True)
+    assert DEFAULT_RECIPE.name == "simsiam_bf.yaml"
+
+
+def test_quick_run_keys_and_override_types():
+    cfg = load_config(None, ["output_dir=runs/x", "seed=3", "train.epochs=2", "data.limit=100", "data.val_limit=50",
+                             "checkpoint.every_n_epochs=1", "monitor.every_n_epochs=5", "optim.base_lr=1",
+                             "optim.betas=[0.8, 0.9]", "train.log_with=null"])
+    assert cfg.output_dir == "runs/x" and cfg.seed == 3 and cfg.train.epochs == 2
+    assert cfg.data.limit == 100 and cfg.data.val_limit == 50
+    assert cfg.checkpoint.every_n_epochs == 1 and cfg.monitor.every_n_epochs == 5
+    assert cfg.optim.base_lr == 1.0 and isinstance(cfg.optim.base_lr, float)
+    assert cfg.optim.betas == (0.8, 0.9) and cfg.train.log_with is None
+
+
+@pytest.mark.parametrize("override, words", [
+    (["train.epoch=3"], ["unknown config key 'train.epoch'", "train.epochs"]),
+    (["trian.epochs=3"], ["unknown config key 'trian'"]),
+    (["train.epochs=three"], ["'train.epochs' expects int", "'three'"]),
+    (["train.epochs=2.5"], ["'train.epochs' expects int"]),
+    (["batchformer.scope=global"], ["'batchformer.scope'", "'joint'", "'per_view'"]),
+    (["batchformer.enabled=maybe"], ["'batchformer.enabled' expects bool"]),
+    (["train=3"], ["'train' expects a mapping"]),
+    (["train.epochs"], ["dotted.key=value"]),
+    (["train.epochs=0"], ["train.epochs must be >= 1"]),
+])
+def test_bad_overrides_name_the_key(override, words):
+    with pytest.raises(UserError) as err:
+        load_config(None, override)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_bad_recipe_file(tmp_path):
+    with pytest.raises(UserError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  arch: resnet18\n  depth: 3\n")
+    with pytest.raises(UserError, match="unknown config key 'model.depth'"):
+        load_config(bad)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["train.epochs=7", "optim.betas=[0.5, 0.6]"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_run_config(tmp_path) == cfg
+
+
+def test_cli_bad_key_is_one_line_and_nonzero(tmp_path):
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "pretrain.py", "train.epoch=1", f"output_dir={out}"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines == ["pretrain.py: error: unknown config key 'train.epoch' (did you mean 'train.epochs'?)"]
+    assert not out.exists()  # nothing was started
+
+
+def test_repo_root_does_not_shadow_the_tls_module():
+    result = subprocess.run([sys.executable, "-c", "import ssl; ssl.create_default_context(); print(ssl.__file__)"],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert str(REPO) not in result.stdout
