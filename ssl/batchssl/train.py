@@ -194,40 +194,39 @@ def train(cfg: Config) -> dict:
     for epoch in range(start_epoch, cfg.train.epochs):
         sampler.set_epoch(epoch)
         method.train()
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", dynamic_ncols=True,
-                   disable=not accelerator.is_local_main_process)
-        interval_start, interval_steps = time.perf_counter(), 0
-        for i, (views, _) in enumerate(loader):
-            step = epoch * steps_per_epoch + i
-            lr = lr_at(step, total_steps, warmup_steps, peak)
-            set_lr(optimizer, lr, peak)
-            views = [v.to(accelerator.device, non_blocking=True) for v in views]
-            outputs = method(views, step, total_steps)
-            # One all-reduce per step: the global mean of every logged number, which is also the NaN check.
-            names = sorted(outputs)
-            values = accelerator.reduce(torch.stack([outputs[k].detach().float().to(accelerator.device)
-                                                     for k in names]), reduction="mean").tolist()
-            metrics = dict(zip(names, values))
-            if not math.isfinite(metrics["loss"]):
-                good = ckpt.latest_checkpoint(out)
-                raise NonFiniteLossError(
-                    f"loss is {metrics['loss']} at step {step + 1} (epoch {epoch + 1}); training stopped. "
-                    f"Newest good checkpoint: {good or 'none'}. Lower optim.base_lr or use train.max_grad_norm")
-            accelerator.backward(outputs["loss"])
-            if cfg.train.max_grad_norm:
-                accelerator.clip_grad_norm_(method.parameters(), cfg.train.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            interval_steps += 1
-            bar.update(1)
-            if (step + 1) % cfg.train.log_every_n_steps == 0 or i == steps_per_epoch - 1:
-                elapsed = time.perf_counter() - interval_start
-                last = {"epoch": epoch + 1, "step": step + 1, "lr": lr, **metrics,
-                        "images_per_s": interval_steps * cfg.train.batch_size / max(elapsed, 1e-9)}
-                log.write(last)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", **knn_postfix)
-                interval_start, interval_steps = time.perf_counter(), 0
-        bar.close()
+        with tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", dynamic_ncols=True,
+                  disable=not accelerator.is_local_main_process) as bar:
+            interval_start, interval_steps = time.perf_counter(), 0
+            for i, (views, _) in enumerate(loader):
+                step = epoch * steps_per_epoch + i
+                lr = lr_at(step, total_steps, warmup_steps, peak)
+                set_lr(optimizer, lr, peak)
+                views = [v.to(accelerator.device, non_blocking=True) for v in views]
+                outputs = method(views, step, total_steps)
+                # One all-reduce per step: the global mean of every logged number, which is also the NaN check.
+                names = sorted(outputs)
+                values = accelerator.reduce(torch.stack([outputs[k].detach().float().to(accelerator.device)
+                                                         for k in names]), reduction="mean").tolist()
+                metrics = dict(zip(names, values))
+                if not math.isfinite(metrics["loss"]):
+                    good = ckpt.latest_checkpoint(out)
+                    raise NonFiniteLossError(
+                        f"loss is {metrics['loss']} at step {step + 1} (epoch {epoch + 1}); training stopped. "
+                        f"Newest good checkpoint: {good or 'none'}. Lower optim.base_lr or use train.max_grad_norm")
+                accelerator.backward(outputs["loss"])
+                if cfg.train.max_grad_norm:
+                    accelerator.clip_grad_norm_(method.parameters(), cfg.train.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                interval_steps += 1
+                bar.update(1)
+                if (step + 1) % cfg.train.log_every_n_steps == 0 or i == steps_per_epoch - 1:
+                    elapsed = time.perf_counter() - interval_start
+                    last = {"epoch": epoch + 1, "step": step + 1, "lr": lr, **metrics,
+                            "images_per_s": interval_steps * cfg.train.batch_size / max(elapsed, 1e-9)}
+                    log.write(last)
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", **knn_postfix)
+                    interval_start, interval_steps = time.perf_counter(), 0
 
         done = epoch + 1
         final = done == cfg.train.epochs
