@@ -15,9 +15,9 @@ from torchvision.models.vision_transformer import VisionTransformer
 from batchssl.config import ModelConfig
 
 RESNETS = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet50": (Bottleneck, [3, 4, 6, 3])}
-VITS = {  # hidden dim, depth, heads (DeiT / MoCo v3 sizes)
+VITS = {  # hidden dim, depth, heads
     "vit_tiny": (192, 12, 3),
-    "vit_small": (384, 12, 6),
+    "vit_small": (384, 12, 12),  # MoCo v3's ViT-S: 12 heads, not DeiT's 6 (the paper found it better)
     "vit_base": (768, 12, 12),
 }
 

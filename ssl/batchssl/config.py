@@ -61,6 +61,7 @@ class MethodConfig:
     proj_dim: int = 2048
     proj_layers: int = 3
     pred_hidden_dim: int = 512
+    pred_last_bn: bool = False  # MoCo v3: BN (no affine) on the predictor output for ViT, none for ResNet
     temperature: float = 1.0  # MoCo v3 tau
     momentum: float = 0.99  # MoCo v3 m0 (cosine to 1)
 
@@ -150,7 +151,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except UserError:
                 pass
     elif origin is Literal:
-        if value in typing.get_args(tp):
+        if isinstance(value, bool):  # YAML 1.1 reads no/off/yes/on as booleans: map them back to the word
+            words = ("yes", "on", "true") if value else ("no", "off", "false")
+            value = next((a for a in typing.get_args(tp) if a in words), value)
+        if value in typing.get_args(tp) and not isinstance(value, bool):
             return value
     elif origin is tuple:
         args = typing.get_args(tp)
@@ -222,9 +226,8 @@ def read_yaml(path: str | Path) -> dict:
     return tree
 
 
-def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Recipe YAML (default: the Fashion-MNIST SimSiam+BatchFormer recipe) plus `dotted.key=value` overrides."""
-    tree = read_yaml(recipe or DEFAULT_RECIPE)
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    """Set each `dotted.key=value` (value read as YAML) in a nested dict; returns the dict."""
     for item in overrides:
         if "=" not in item:
             raise UserError(f"override '{item}' is not of the form dotted.key=value")
@@ -234,9 +237,19 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> 
         except yaml.YAMLError:
             value = raw
         _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def build_config(tree: dict) -> Config:
+    """Typed, validated Config from a nested dict."""
     cfg = _build(Config, tree)
     validate(cfg)
     return cfg
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Recipe YAML (default: the Fashion-MNIST SimSiam+BatchFormer recipe) plus `dotted.key=value` overrides."""
+    return build_config(apply_overrides(read_yaml(recipe or DEFAULT_RECIPE), overrides))
 
 
 def validate(cfg: Config) -> None:
@@ -284,4 +297,4 @@ def load_run_config(run_dir: str | Path) -> Config:
         raise UserError(f"run directory not found: {run_dir}")
     if not path.is_file():
         raise UserError(f"{run_dir} has no config.yaml: is it a BatchSSL run directory?")
-    return _build(Config, read_yaml(path))
+    return build_config(read_yaml(path))

@@ -215,7 +215,7 @@ def _torchvision(cfg: DataConfig, split: str) -> Dataset:
 def _image_folder(cfg: DataConfig, split: str) -> Dataset:
     from torchvision.datasets import ImageFolder
 
-    folder = Path(cfg.root) / ("train" if split == "train" else "val")
+    folder = Path(cfg.root) / ("val" if split == "test" else "train")
     if not folder.is_dir():
         raise UserError(f"image folder {folder} not found: data.root must hold train/<class>/* and val/<class>/*")
     return ImageFolder(str(folder))

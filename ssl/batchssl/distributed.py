@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -26,6 +27,15 @@ def world_size() -> int:
 
 def rank() -> int:
     return dist.get_rank() if world_size() > 1 else 0
+
+
+def make_accelerator(**kwargs):
+    """An Accelerator that also forms a process group when torchrun starts several processes on a machine
+    without GPUs (Accelerate only does so with cpu=True; with GPUs it picks NCCL by itself)."""
+    from accelerate import Accelerator
+
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(cpu=several and not torch.cuda.is_available(), **kwargs)
 
 
 def init_model_group(device: torch.device) -> None:

@@ -25,7 +25,7 @@ from batchssl.augment import eval_transform, view_transforms
 from batchssl.backbones import build_backbone
 from batchssl.config import Config, OptimConfig, save_config, to_dict
 from batchssl.data import EpochShardSampler, Transformed, TwoViews, dataset_info, eval_datasets, pretrain_dataset
-from batchssl.distributed import convert_sync_batchnorm, init_model_group
+from batchssl.distributed import convert_sync_batchnorm, init_model_group, make_accelerator
 from batchssl.errors import NonFiniteLossError, UserError
 from batchssl.methods import build_method
 
@@ -106,13 +106,6 @@ def truncate_metrics(path: Path, last_step: int) -> None:
         kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= last_step]
         if len(kept) != len(lines):
             path.write_text("".join(kept))
-
-
-def make_accelerator(**kwargs) -> Accelerator:
-    """An Accelerator that also forms a process group when torchrun starts several processes on a machine
-    without GPUs (Accelerate only does so with cpu=True; with GPUs it picks NCCL by itself)."""
-    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(cpu=several and not torch.cuda.is_available(), **kwargs)
 
 
 def _check_trackers(log_with: str | None) -> None:

@@ -23,8 +23,8 @@ from batchssl.methods.base import SSLMethod, upcast
 
 
 def mlp(in_dim: int, hidden: int, out: int, layers: int, last_bn: bool) -> ProjectionHead:
-    """MoCo v3 heads: bias-free linear layers, BN + ReLU on hidden layers, BN without affine on the projector's
-    output (last_bn); the predictor's output has no BN."""
+    """MoCo v3 heads: bias-free linear layers, BN + ReLU on hidden layers, BN without affine on the output when
+    last_bn (always for the projector; for the predictor only with ViT, as the official code builds it)."""
     blocks = [(in_dim, hidden, nn.BatchNorm1d(hidden), nn.ReLU(), False)]
     blocks += [(hidden, hidden, nn.BatchNorm1d(hidden), nn.ReLU(), False) for _ in range(layers - 2)]
     blocks += [(hidden, out, nn.BatchNorm1d(out, affine=False) if last_bn else None, None, False)]
@@ -49,7 +49,7 @@ class MoCoV3(SSLMethod):
         super().__init__(backbone, feature_dim, batchformer)
         self.temperature, self.m0 = cfg.temperature, cfg.momentum
         self.projector = mlp(feature_dim, cfg.proj_hidden_dim, cfg.proj_dim, cfg.proj_layers, last_bn=True)
-        self.predictor = mlp(cfg.proj_dim, cfg.proj_hidden_dim, cfg.proj_dim, 2, last_bn=False)
+        self.predictor = mlp(cfg.proj_dim, cfg.proj_hidden_dim, cfg.proj_dim, 2, last_bn=cfg.pred_last_bn)
         # The momentum branch never has BatchFormer: keys stay the original ones.
         self.backbone_momentum = copy.deepcopy(backbone).requires_grad_(False)
         self.projector_momentum = copy.deepcopy(self.projector).requires_grad_(False)

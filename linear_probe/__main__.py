@@ -1,0 +1,91 @@
+"""Linear probe of a frozen backbone: `python -m linear_probe --run runs/x [--mode cached|augmented]`.
+
+cached (default): features computed once (no augmentation), a grid of learning rates trained together, the head
+  chosen on a held-out 10% of the training split (never the test split), scored on the validation split.
+augmented: the MoCo v3 / SimSiam protocol (RandomResizedCrop + flip every epoch, SGD momentum 0.9, wd 0,
+  lr = base * batch / 256, cosine, 90 epochs at ImageNet scale; --optimizer lars for SimSiam's 4096 batches);
+  checkpoints every epoch into <run>/linear_probe_ckpt and resumes from it.
+Writes linear_probe.json (one entry per mode). `accelerate launch -m linear_probe ...` runs on several processes.
+"""
+
+import argparse
+import json
+import sys
+import time
+
+from batchssl.errors import exit_on_user_error
+
+
+def main(argv=None) -> None:
+    from batchssl.frozen import add_source_arguments
+
+    parser = argparse.ArgumentParser(prog="python -m linear_probe", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_source_arguments(parser)
+    parser.add_argument("--mode", choices=["cached", "augmented"], default="cached")
+    parser.add_argument("--epochs", type=int, help="default: 100 cached, 90 augmented")
+    parser.add_argument("--batch-size", type=int, help="global batch; default: 1024 cached, 256 augmented")
+    parser.add_argument("--base-lr", type=float, default=0.1, help="augmented: lr = base * batch / 256")
+    parser.add_argument("--optimizer", choices=["sgd", "lars"], default="sgd", help="augmented mode")
+    parser.add_argument("--lrs", type=float, nargs="+", default=[0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0],
+                        help="cached mode: the learning-rate grid")
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="cached mode: held-out part of train")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    with exit_on_user_error("linear_probe"):
+        run(args)
+
+
+def run(args) -> dict:
+    import torch
+
+    from batchssl.augment import eval_transform, probe_train_transform
+    from batchssl.data import Transformed, eval_datasets
+    from batchssl.distributed import make_accelerator
+    from batchssl.features import extract_features
+    from batchssl.frozen import load_frozen, write_json
+    from linear_probe.probe import train_augmented_probe, train_cached_probes, train_val_split
+
+    frozen = load_frozen(args)
+    accelerator = make_accelerator()
+    frozen.backbone.to(accelerator.device)
+    train, val = eval_datasets(frozen.cfg.data)
+    test_set = Transformed(val, eval_transform(frozen.info))
+    workers = frozen.cfg.data.num_workers
+    start = time.perf_counter()
+    if args.mode == "cached":
+        kwargs = dict(batch_size=512, num_workers=workers, accelerator=accelerator, progress=True)
+        train_x, train_y = extract_features(frozen.backbone, Transformed(train, eval_transform(frozen.info)),
+                                            desc="train features", **kwargs)
+        test_x, test_y = extract_features(frozen.backbone, test_set, desc="test features", **kwargs)
+        if not accelerator.is_main_process:
+            return {}
+        fit, held = train_val_split(train_y, args.val_fraction, args.seed)
+        result = train_cached_probes(train_x[fit], train_y[fit], train_x[held], train_y[held], test_x, test_y,
+                                     frozen.info.num_classes, lrs=args.lrs, epochs=args.epochs or 100,
+                                     batch_size=args.batch_size or 1024, seed=args.seed,
+                                     device=accelerator.device, progress=True)
+    else:
+        result = train_augmented_probe(
+            frozen.backbone, Transformed(train, probe_train_transform(frozen.info)), test_set,
+            frozen.info.num_classes, frozen.feature_dim, epochs=args.epochs or 90,
+            batch_size=args.batch_size or 256, base_lr=args.base_lr, optimizer=args.optimizer,
+            num_workers=workers, accelerator=accelerator, checkpoint_dir=frozen.out_dir / "linear_probe_ckpt",
+            seed=args.seed, progress=True)
+        if not accelerator.is_main_process:
+            return {}
+    result["seconds"] = time.perf_counter() - start
+    path = frozen.out_dir / "linear_probe.json"
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    record[args.mode] = {"dataset": frozen.cfg.data.name, "arch": frozen.cfg.model.arch, **result}
+    write_json(path, record)
+    chosen = f", lr {result['lr']:g} chosen on held-out train (val top-1 {result['val_top1']:.2f})" \
+        if args.mode == "cached" else f", lr {result['lr']:g}"
+    print(f"linear probe ({args.mode}): test top-1 {result['top1' if 'top1' in result else 'test_top1']:.2f}"
+          f"{chosen}; {result['seconds']:.1f} s")
+    print(f"written {path}")
+    return record
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
