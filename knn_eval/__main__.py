@@ -31,17 +31,18 @@ def run(args) -> dict:
     from batchssl.data import Transformed, eval_datasets
     from batchssl.distributed import make_accelerator
     from batchssl.features import extract_features
-    from batchssl.frozen import load_frozen, write_json
+    from batchssl.frozen import feature_dtype, load_frozen, write_json
     from knn_eval.knn import knn_classify
 
     frozen = load_frozen(args)
     accelerator = make_accelerator()
+    dtype = feature_dtype(frozen.cfg.train.mixed_precision if args.precision == "auto" else args.precision)
     bank, val = eval_datasets(frozen.cfg.data)
     transform = eval_transform(frozen.info)
     frozen.backbone.to(accelerator.device)
     start = time.perf_counter()
     kwargs = dict(batch_size=args.batch_size, num_workers=frozen.cfg.data.num_workers, accelerator=accelerator,
-                  progress=True)
+                  dtype=dtype, progress=True)
     bank_x, bank_y = extract_features(frozen.backbone, Transformed(bank, transform), desc="bank", **kwargs)
     val_x, val_y = extract_features(frozen.backbone, Transformed(val, transform), desc="queries", **kwargs)
     if not accelerator.is_main_process:

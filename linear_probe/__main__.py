@@ -43,18 +43,19 @@ def run(args) -> dict:
     from batchssl.data import Transformed, eval_datasets
     from batchssl.distributed import make_accelerator
     from batchssl.features import extract_features
-    from batchssl.frozen import load_frozen, write_json
+    from batchssl.frozen import feature_dtype, load_frozen, write_json
     from linear_probe.probe import train_augmented_probe, train_cached_probes, train_val_split
 
     frozen = load_frozen(args)
     accelerator = make_accelerator()
+    dtype = feature_dtype(frozen.cfg.train.mixed_precision if args.precision == "auto" else args.precision)
     frozen.backbone.to(accelerator.device)
     train, val = eval_datasets(frozen.cfg.data)
     test_set = Transformed(val, eval_transform(frozen.info))
     workers = frozen.cfg.data.num_workers
     start = time.perf_counter()
     if args.mode == "cached":
-        kwargs = dict(batch_size=512, num_workers=workers, accelerator=accelerator, progress=True)
+        kwargs = dict(batch_size=512, num_workers=workers, accelerator=accelerator, dtype=dtype, progress=True)
         train_x, train_y = extract_features(frozen.backbone, Transformed(train, eval_transform(frozen.info)),
                                             desc="train features", **kwargs)
         test_x, test_y = extract_features(frozen.backbone, test_set, desc="test features", **kwargs)
@@ -71,9 +72,11 @@ def run(args) -> dict:
             frozen.info.num_classes, frozen.feature_dim, epochs=args.epochs or 90,
             batch_size=args.batch_size or 256, base_lr=args.base_lr, optimizer=args.optimizer,
             num_workers=workers, accelerator=accelerator, checkpoint_dir=frozen.out_dir / "linear_probe_ckpt",
-            seed=args.seed, progress=True)
+            dtype=dtype, seed=args.seed, progress=True)
         if not accelerator.is_main_process:
             return {}
+    if args.mode == "cached":  # the same keys for both modes: top1/top5 on the validation split
+        result["top1"], result["top5"] = result.pop("test_top1"), result.pop("test_top5")
     result["seconds"] = time.perf_counter() - start
     path = frozen.out_dir / "linear_probe.json"
     record = json.loads(path.read_text()) if path.is_file() else {}
@@ -81,7 +84,7 @@ def run(args) -> dict:
     write_json(path, record)
     chosen = f", lr {result['lr']:g} chosen on held-out train (val top-1 {result['val_top1']:.2f})" \
         if args.mode == "cached" else f", lr {result['lr']:g}"
-    print(f"linear probe ({args.mode}): test top-1 {result['top1' if 'top1' in result else 'test_top1']:.2f}"
+    print(f"linear probe ({args.mode}): top-1 {result['top1']:.2f}"
           f"{chosen}; {result['seconds']:.1f} s")
     print(f"written {path}")
     return record

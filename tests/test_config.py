@@ -17,13 +17,15 @@ def test_default_recipe_is_fashion_mnist_simsiam_with_batchformer():
 def test_quick_run_keys_and_override_types():
     cfg = load_config(None, ["output_dir=runs/x", "seed=3", "train.epochs=2", "data.limit=100", "data.val_limit=50",
                              "checkpoint.every_n_epochs=1", "monitor.every_n_epochs=5", "optim.base_lr=1", "optim.weight_decay=1e-5",
-                             "optim.betas=[0.8, 0.9]", "train.log_with=null"])
+                             "optim.betas=[0.8, 0.9]", "train.log_with=null",
+                             "train.mixed_precision=no"])
     assert cfg.output_dir == "runs/x" and cfg.seed == 3 and cfg.train.epochs == 2
     assert cfg.data.limit == 100 and cfg.data.val_limit == 50
     assert cfg.checkpoint.every_n_epochs == 1 and cfg.monitor.every_n_epochs == 5
     assert cfg.optim.base_lr == 1.0 and isinstance(cfg.optim.base_lr, float)
     assert cfg.optim.weight_decay == 1e-5
     assert cfg.optim.betas == (0.8, 0.9) and cfg.train.log_with is None
+    assert cfg.train.mixed_precision == "no"  # YAML 1.1 reads `no` as False
 
 
 @pytest.mark.parametrize("override, words", [

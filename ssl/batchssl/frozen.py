@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from batchssl.backbones import build_backbone
@@ -33,6 +34,8 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", help="with --backbone: resnet18 | resnet50 | vit_tiny | vit_small | vit_base")
     parser.add_argument("--dataset", help="with --backbone: fashion_mnist | cifar10 | cifar100 | stl10 | imagefolder")
     parser.add_argument("--out", help="with --backbone: folder for the JSON result (default: beside the weights)")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                        help="feature extraction; auto: the run's train.mixed_precision, as the live monitor")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, e.g. data.root=/datasets data.limit=null data.num_workers=8")
 
@@ -60,6 +63,12 @@ def load_frozen(args: argparse.Namespace) -> Frozen:
     backbone, feature_dim = build_backbone(cfg.model, info.in_channels, info.image_size)
     load_backbone(backbone, weights)
     return Frozen(backbone.requires_grad_(False).eval(), feature_dim, cfg, info, out_dir)
+
+
+def feature_dtype(precision: str) -> torch.dtype | None:
+    """Autocast dtype for feature extraction: 'no'/'fp32' -> None (float32), 'bf16', 'fp16'. The monitor passes
+    the run's train.mixed_precision and the evaluators do the same by default, so their numbers agree."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
 def write_json(path: Path, record: dict) -> None:

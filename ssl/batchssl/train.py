@@ -27,6 +27,7 @@ from batchssl.config import Config, OptimConfig, save_config, to_dict
 from batchssl.data import EpochShardSampler, Transformed, TwoViews, dataset_info, eval_datasets, pretrain_dataset
 from batchssl.distributed import convert_sync_batchnorm, init_model_group, make_accelerator
 from batchssl.errors import NonFiniteLossError, UserError
+from batchssl.frozen import feature_dtype
 from batchssl.methods import build_method
 
 
@@ -180,7 +181,7 @@ def train(cfg: Config) -> dict:
     total_steps = cfg.train.epochs * steps_per_epoch
     warmup_steps = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
     peak = peak_lr(cfg)
-    eval_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision)
+    eval_dtype = feature_dtype(cfg.train.mixed_precision)
     last: dict = {}
     knn_postfix: dict = {}
 

@@ -13,7 +13,7 @@ from batchssl.backbones import build_backbone
 from batchssl.config import BatchFormerConfig, MethodConfig, ModelConfig, OptimConfig
 from batchssl.distributed import convert_sync_batchnorm, init_model_group
 from batchssl.methods import METHODS
-from batchssl.train import make_accelerator
+from batchssl.distributed import make_accelerator
 
 method_name, batchformer, out_file = sys.argv[1], sys.argv[2], sys.argv[3]
 torch.manual_seed(0)

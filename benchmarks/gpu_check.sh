@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# One check for a lent GPU machine, under 8 minutes:
+#  1. CIFAR-10-sized synthetic training throughput in bf16 (ResNet-18, CIFAR stem, batch 512) for SimSiam and
+#     MoCo v3, with and without BatchFormer, beside the lightly-built reference and the bare backbone;
+#  2. a real pretraining run on the GPU in bf16 (Fashion-MNIST subset, 2 epochs, kNN monitor with features in bf16);
+#  3. with two or more GPUs: the 2-process (NCCL) vs 1-process loss check at step 1.
+# Usage: bash benchmarks/gpu_check.sh [FASHION_MNIST_DIR]. On a machine without internet, carry lightly and a
+# faiss-cpu wheel in $PKGS (default .devpkgs); they are installed into /tmp/site when missing.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+FMNIST=${1:-/usr/share/datasets/fashion-mnist}
+PKGS=${PKGS:-.devpkgs}
+export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+if ! python3 -c "import lightly, faiss" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$PKGS"/faiss_cpu-*.whl
+  cp -r "$PKGS/lightly" /tmp/site/
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/ssl:$PWD
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
+NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
+
+echo "== 1. throughput, bf16, CIFAR-10 sized (ResNet-18 CIFAR stem, 32 px, batch 512)"
+timeout 200 python3 benchmarks/train_throughput.py --preset cifar10 --device cuda --amp bf16 --batch 512 \
+  --repeats 3 --steps 10 --warmup 1
+
+echo "== 2. real run: pretrain.py in bf16 on the GPU, kNN monitor"
+OUT=$(mktemp -d)
+timeout 120 python3 pretrain.py --config recipes/fashion_mnist/simsiam_bf.yaml data.root="$FMNIST" \
+  data.limit=8192 data.val_limit=2000 data.num_workers=6 train.epochs=2 train.mixed_precision=bf16 \
+  train.log_every_n_steps=8 output_dir="$OUT/run" 2>&1 | grep -v "it/s" | tail -5
+python3 -c "
+import json, sys
+for line in open('$OUT/run/metrics.jsonl'):
+    m = json.loads(line); print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()})
+" | tail -4
+timeout 60 python3 -m knn_eval --run "$OUT/run" --k 200 2>&1 | grep -v "it/s" | tail -4
+
+if [ "$NGPU" -ge 2 ]; then
+  echo "== 3. two processes (NCCL) vs one at step 1"
+  for n in 1 2; do
+    timeout 120 torchrun --nproc_per_node $n pretrain.py --config recipes/fashion_mnist/mocov3_bf.yaml \
+      data.root="$FMNIST" data.limit=1024 data.num_workers=2 train.epochs=1 train.batch_size=256 \
+      batchformer.gather=true batchformer.dropout=0.0 monitor.enabled=false train.log_every_n_steps=1 \
+      output_dir="$OUT/p$n" > /dev/null 2>&1
+    head -1 "$OUT/p$n/metrics.jsonl"
+  done
+else
+  echo "== 3. skipped: one GPU"
+fi
