@@ -1,0 +1,171 @@
+"""Representation quality on Fashion-MNIST at the recipes' budget: SimSiam, SimSiam+BF, MoCo v3, MoCo v3+BF.
+
+For every (recipe, seed): `pretrain.py --config recipes/fashion_mnist/<recipe>.yaml seed=S`, then the cached
+linear probe (`python -m linear_probe`). Reported at the FINAL epoch (never the best epoch): kNN top-1 of the
+monitor (k and T of the recipe; equal to `python -m knn_eval`) and linear-probe top-1, as mean +- std over seeds
+(sample std), with the wall time of pretraining. Beside them two floors with the same kNN (bank = the training
+images the runs use, queries = their validation split): raw pixels, and the same backbone randomly initialised
+(one per seed). A PNG plots the monitor's kNN top-1 over epochs (mean over seeds) per recipe.
+
+Tuning happens on a held-out part of the training split, never on the test split: `--holdout 10000` adds
+`data.holdout=10000` to every run and floor (the last 10000 training images become the validation split).
+
+Runs that already finished are reused (their directory holds `timing.json`), so the script can be stopped and
+rerun; `--set key=value` passes overrides to every run (e.g. trying BatchFormer's options) and `--tag` keeps such
+variants apart.
+
+    python benchmarks/quality.py                                   # 4 recipes x 3 seeds, test split
+    python benchmarks/quality.py --holdout 10000 --seeds 0         # tuning
+    python benchmarks/quality.py --recipes simsiam_bf --set batchformer.scope=per_view --tag _perview
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = ["simsiam", "simsiam_bf", "mocov3", "mocov3_bf"]
+
+
+def run_dir(out: Path, recipe: str, tag: str, seed: int) -> Path:
+    return out / f"{recipe}{tag}_s{seed}"
+
+
+def pretrain(recipe: str, seed: int, directory: Path, overrides: list[str]) -> float:
+    """Pretrain unless a finished run is there; returns the pretraining wall time in seconds."""
+    timing = directory / "timing.json"
+    if timing.is_file():
+        return json.loads(timing.read_text())["pretrain_seconds"]
+    cmd = [sys.executable, "pretrain.py", "--config", f"recipes/fashion_mnist/{recipe}.yaml", f"seed={seed}",
+           f"output_dir={directory}", *overrides]
+    print("$", " ".join(cmd), flush=True)
+    start = time.perf_counter()
+    subprocess.run(cmd, cwd=REPO, check=True, stderr=subprocess.DEVNULL)
+    seconds = time.perf_counter() - start
+    timing.write_text(json.dumps({"pretrain_seconds": seconds}))
+    return seconds
+
+
+def linear_probe(directory: Path) -> float:
+    path = directory / "linear_probe.json"
+    if not (path.is_file() and "cached" in json.loads(path.read_text())):
+        subprocess.run([sys.executable, "-m", "linear_probe", "--run", str(directory)], cwd=REPO, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return json.loads(path.read_text())["cached"]["top1"]
+
+
+def monitor_curve(directory: Path) -> list[tuple[int, float]]:
+    lines = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [(m["epoch"], m["knn_top1"]) for m in lines if "knn_top1" in m]
+
+
+def floors(recipe: str, seeds: list[int], overrides: list[str]) -> dict:
+    """kNN on raw pixels and on randomly initialised backbones, on the bank/queries the runs use."""
+    from batchssl.augment import eval_transform
+    from batchssl.backbones import build_backbone
+    from batchssl.config import load_config
+    from batchssl.data import Transformed, dataset_info, eval_datasets
+    from batchssl.features import extract_features
+    from knn_eval.knn import knn_classify
+
+    cfg = load_config(REPO / "recipes" / "fashion_mnist" / f"{recipe}.yaml", overrides)
+    info = dataset_info(cfg.data)
+    bank, val = eval_datasets(cfg.data)
+    transform = eval_transform(info)
+    bank, val = Transformed(bank, transform), Transformed(val, transform)
+
+    def knn(bank_x, bank_y, val_x, val_y) -> float:
+        return knn_classify(bank_x, bank_y, val_x, val_y, ks=[cfg.monitor.k], temperature=cfg.monitor.temperature,
+                            num_classes=info.num_classes)[cfg.monitor.k]["top1"]
+
+    pixels = torch.nn.Flatten()
+    result = {"raw_pixels": knn(*extract_features(pixels, bank, batch_size=1024),
+                                *extract_features(pixels, val, batch_size=1024))}
+    random_init = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        backbone, _ = build_backbone(cfg.model, info.in_channels, info.image_size)
+        random_init.append(knn(*extract_features(backbone, bank, batch_size=512),
+                               *extract_features(backbone, val, batch_size=512)))
+    result["random_init"] = random_init
+    return result
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f}"
+
+
+def plot(curves: dict[str, list[list[tuple[int, float]]]], floor: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, runs in curves.items():
+        epochs = sorted({e for run in runs for e, _ in run})
+        means = [statistics.mean(v for run in runs for e2, v in run if e2 == e) for e in epochs]
+        ax.plot(epochs, means, marker="o", label=name)
+    ax.axhline(floor["raw_pixels"], color="gray", linestyle="--", label="raw pixels")
+    ax.axhline(statistics.mean(floor["random_init"]), color="gray", linestyle=":", label="random init")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("kNN top-1 (%)")
+    ax.set_title("Fashion-MNIST: kNN top-1 over epochs (mean over seeds)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipes", nargs="+", default=RECIPES)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--holdout", type=int, default=0, help="tune on the last N training images, not the test set")
+    parser.add_argument("--set", nargs="*", default=[], metavar="key=value", help="overrides for every run")
+    parser.add_argument("--tag", default="", help="suffix of the run directories for a variant")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "quality"))
+    args = parser.parse_args()
+
+    out = Path(args.out) / (f"holdout{args.holdout}" if args.holdout else "test")
+    out.mkdir(parents=True, exist_ok=True)
+    overrides = [*args.set] + ([f"data.holdout={args.holdout}"] if args.holdout else [])
+    rows, curves = [], {}
+    for recipe in args.recipes:
+        knn, probe, minutes, runs = [], [], [], []
+        for seed in args.seeds:
+            directory = run_dir(out, recipe, args.tag, seed)
+            minutes.append(pretrain(recipe, seed, directory, overrides) / 60)
+            runs.append(monitor_curve(directory))
+            knn.append(runs[-1][-1][1])  # final epoch
+            probe.append(linear_probe(directory))
+        curves[recipe + args.tag] = runs
+        rows.append({"recipe": recipe + args.tag, "knn_top1": knn, "linear_top1": probe, "minutes": minutes})
+    floor = floors(args.recipes[0], args.seeds, overrides)
+
+    split = f"held-out last {args.holdout} training images" if args.holdout else "test split"
+    print(f"\nFashion-MNIST, validation = {split}; seeds {args.seeds}; overrides {overrides or 'none'}")
+    print(f"{'recipe':<22} {'kNN top-1':>16} {'linear top-1':>16} {'pretrain min':>13}")
+    for row in rows:
+        print(f"{row['recipe']:<22} {mean_std(row['knn_top1']):>16} {mean_std(row['linear_top1']):>16} "
+              f"{statistics.mean(row['minutes']):>13.1f}")
+    print(f"{'floor: raw pixels':<22} {floor['raw_pixels']:>16.2f}")
+    print(f"{'floor: random init':<22} {mean_std(floor['random_init']):>16}")
+    tag = args.tag or ""
+    (out / f"quality{tag}.json").write_text(json.dumps({"rows": rows, "floors": floor, "overrides": overrides,
+                                                        "seeds": args.seeds}, indent=1))
+    plot(curves, floor, out / f"knn_over_epochs{tag}.png")
+    print(f"written {out / f'quality{tag}.json'} and {out / f'knn_over_epochs{tag}.png'}")
+
+
+if __name__ == "__main__":
+    main()
