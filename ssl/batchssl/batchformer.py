@@ -10,6 +10,8 @@ Training only: `two_streams` returns the inputs untouched in eval mode, and the 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
@@ -17,6 +19,7 @@ from batchssl.config import BatchFormerConfig
 from batchssl.distributed import all_gather_grad, rank
 
 
+@functools.lru_cache(maxsize=8)  # one mask per (batch, processes, device): not rebuilt every step
 def joint_mask(n: int, blocks: int, device: torch.device) -> Tensor:
     """Bool (M, M) attention mask, True = may not attend, for M = blocks * 2n rows laid out per process as
     [view 1 of its n samples; view 2 of its n samples]: row i may not see its own sample's other view."""

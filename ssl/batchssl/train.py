@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from batchssl import checkpoint as ckpt
 from batchssl.augment import eval_transform, view_transforms
 from batchssl.backbones import build_backbone
 from batchssl.config import Config, OptimConfig, save_config, to_dict
+from batchssl.cpu import tune_malloc
 from batchssl.data import EpochShardSampler, Transformed, TwoViews, dataset_info, eval_datasets, pretrain_dataset
 from batchssl.distributed import convert_sync_batchnorm, init_model_group, make_accelerator
 from batchssl.errors import NonFiniteLossError, UserError
@@ -115,31 +115,62 @@ def _check_trackers(log_with: str | None) -> None:
         raise UserError(f"train.log_with={log_with} needs the '{package}' package: pip install {package}")
 
 
+def check_batch(batch_size: int, world: int) -> None:
+    if batch_size < world or batch_size % world:
+        raise UserError(f"train.batch_size={batch_size} must be a multiple of the number of processes "
+                        f"({world}), at least one image per process")
+    if batch_size // world < 2:
+        raise UserError(f"train.batch_size={batch_size} gives {batch_size // world} image per process on "
+                        f"{world} processes; batch norm needs at least 2")
+
+
+def resume_target(cfg: Config, out: Path) -> Path | None:
+    """The checkpoint to resume from, per checkpoint.resume (auto | none | a directory)."""
+    if cfg.checkpoint.resume == "auto":
+        return ckpt.latest_checkpoint(out)
+    if cfg.checkpoint.resume != "none":
+        path = Path(cfg.checkpoint.resume)
+        if not path.is_dir():
+            raise UserError(f"checkpoint.resume: no checkpoint directory at {path}")
+        return path
+    if ckpt.latest_checkpoint(out) is not None:
+        raise UserError(f"{out} already holds checkpoints and checkpoint.resume=none would overwrite them: "
+                        "use another output_dir or checkpoint.resume=auto")
+    return None
+
+
+def train_step(method, optimizer, accelerator: Accelerator, views, step: int, total_steps: int,
+               max_grad_norm: float | None) -> dict[str, float]:
+    """Forward, NaN check, backward, optimizer step. Returns the global mean of every number the method logs."""
+    views = [v.to(accelerator.device, non_blocking=True) for v in views]
+    outputs = method(views, step, total_steps)
+    # One all-reduce per step: the global mean of every logged number, which is also the NaN check (all
+    # processes see the same value, so all stop together).
+    names = sorted(outputs)
+    values = accelerator.reduce(torch.stack([outputs[k].detach().float().to(accelerator.device) for k in names]),
+                                reduction="mean").tolist()
+    metrics = dict(zip(names, values))
+    if not math.isfinite(metrics["loss"]):
+        return metrics  # the caller stops before the update
+    accelerator.backward(outputs["loss"])
+    if max_grad_norm:
+        accelerator.clip_grad_norm_(method.parameters(), max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return metrics
+
+
 def train(cfg: Config) -> dict:
     """Pretrain as the config says; returns the last logged metrics. Raises UserError on bad input."""
     _check_trackers(cfg.train.log_with)
     out = Path(cfg.output_dir)
     accelerator = make_accelerator(mixed_precision=cfg.train.mixed_precision, log_with=cfg.train.log_with,
                                    project_dir=str(out))
+    if accelerator.device.type == "cpu":
+        tune_malloc()
     world, rank = accelerator.num_processes, accelerator.process_index
-    if cfg.train.batch_size < world or cfg.train.batch_size % world:
-        raise UserError(f"train.batch_size={cfg.train.batch_size} must be a multiple of the number of processes "
-                        f"({world}), at least one image per process")
-    if cfg.train.batch_size // world < 2:
-        raise UserError(f"train.batch_size={cfg.train.batch_size} gives {cfg.train.batch_size // world} image per "
-                        f"process on {world} processes; batch norm needs at least 2")
-
-    # Resolve what to resume before anything is written, so bad input loses nothing.
-    resume_from = None
-    if cfg.checkpoint.resume == "auto":
-        resume_from = ckpt.latest_checkpoint(out)
-    elif cfg.checkpoint.resume != "none":
-        resume_from = Path(cfg.checkpoint.resume)
-        if not resume_from.is_dir():
-            raise UserError(f"checkpoint.resume: no checkpoint directory at {resume_from}")
-    elif ckpt.latest_checkpoint(out) is not None:
-        raise UserError(f"{out} already holds checkpoints and checkpoint.resume=none would overwrite them: "
-                        "use another output_dir or checkpoint.resume=auto")
+    check_batch(cfg.train.batch_size, world)
+    resume_from = resume_target(cfg, out)  # resolved before anything is written, so bad input loses nothing
 
     set_seed(cfg.seed)  # the same initial weights on every process
     info = dataset_info(cfg.data)
@@ -195,23 +226,13 @@ def train(cfg: Config) -> dict:
                 step = epoch * steps_per_epoch + i
                 lr = lr_at(step, total_steps, warmup_steps, peak)
                 set_lr(optimizer, lr, peak)
-                views = [v.to(accelerator.device, non_blocking=True) for v in views]
-                outputs = method(views, step, total_steps)
-                # One all-reduce per step: the global mean of every logged number, which is also the NaN check.
-                names = sorted(outputs)
-                values = accelerator.reduce(torch.stack([outputs[k].detach().float().to(accelerator.device)
-                                                         for k in names]), reduction="mean").tolist()
-                metrics = dict(zip(names, values))
+                metrics = train_step(method, optimizer, accelerator, views, step, total_steps,
+                                     cfg.train.max_grad_norm)
                 if not math.isfinite(metrics["loss"]):
                     good = ckpt.latest_checkpoint(out)
                     raise NonFiniteLossError(
                         f"loss is {metrics['loss']} at step {step + 1} (epoch {epoch + 1}); training stopped. "
                         f"Newest good checkpoint: {good or 'none'}. Lower optim.base_lr or use train.max_grad_norm")
-                accelerator.backward(outputs["loss"])
-                if cfg.train.max_grad_norm:
-                    accelerator.clip_grad_norm_(method.parameters(), cfg.train.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
                 interval_steps += 1
                 bar.update(1)
                 if (step + 1) % cfg.train.log_every_n_steps == 0 or i == steps_per_epoch - 1:
