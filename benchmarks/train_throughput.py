@@ -381,8 +381,6 @@ def timed_run(v: Variant, views, steps: int, first_step: int, autocast, device) 
             (_sys_seconds() - kernel) / steps)
 
 
-
-
 # ------------------------------------------------------------------------------------------------------- FLOPs
 
 

@@ -37,7 +37,6 @@ def main(argv=None) -> None:
 
 
 def run(args) -> dict:
-    import torch
 
     from batchssl.augment import eval_transform, probe_train_transform
     from batchssl.data import Transformed, eval_datasets

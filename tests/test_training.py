@@ -7,7 +7,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from batchssl.backbones import build_backbone
 from batchssl.checkpoint import complete_checkpoints, load_backbone
