@@ -132,6 +132,10 @@ def load_backbone_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_backbone(backbone: nn.Module, path: str | Path) -> nn.Module:
     state = load_backbone_weights(path)
+    expected = backbone.state_dict().keys()
+    if all(k.startswith("vit.") for k in expected) and not any(k.startswith("vit.") for k in state):
+        # torchvision VisionTransformer weights: ours wraps it as `vit` and has no classification head
+        state = {f"vit.{k}": v for k, v in state.items() if not k.startswith("heads.")}
     try:
         backbone.load_state_dict(state, strict=True)
     except RuntimeError as err:
