@@ -4,8 +4,13 @@
 #     MoCo v3, with and without BatchFormer, beside the lightly-built reference and the bare backbone;
 #  2. a real pretraining run on the GPU in bf16 (Fashion-MNIST subset, 2 epochs, kNN monitor with features in bf16);
 #  3. with two or more GPUs: the 2-process (NCCL) vs 1-process loss check at step 1.
-# Usage: bash benchmarks/gpu_check.sh [FASHION_MNIST_DIR]. On a machine without internet, carry lightly and a
-# faiss-cpu wheel in $PKGS (default .devpkgs); they are installed into /tmp/site when missing.
+# Usage: bash benchmarks/gpu_check.sh [FASHION_MNIST_DIR]. The GPU machine's own python3 (with torch) runs it. On
+# a machine without internet, carry lightly and a faiss-cpu wheel in $PKGS (default .devpkgs); they are installed
+# into /tmp/site when missing. Prepared here with:
+#   pip download --no-deps --only-binary :all: --python-version 3.12 -d .devpkgs faiss-cpu==1.15.1
+#   cp -r .venv/lib/python3.11/site-packages/lightly .devpkgs/
+# (lightly is pure Python; its own dependencies are on the GPU image already) and, for the real run, a subset
+# of Fashion-MNIST in idx.gz format in .devpkgs/fmnist (the full files are too large to carry).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 FMNIST=${1:-/usr/share/datasets/fashion-mnist}

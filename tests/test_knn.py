@@ -59,6 +59,31 @@ def test_matches_brute_force(k, temperature, batch_size):
     assert result[k]["top1"] == pytest.approx(top1) and result[k]["top5"] == pytest.approx(top5)
 
 
+@pytest.fixture
+def three_threads_small_slices():
+    """Three search threads and no BLAS threshold, so that even small batches are cut into three slices."""
+    import faiss
+
+    threads, threshold = faiss.omp_get_max_threads(), faiss.cvar.distance_compute_blas_threshold
+    faiss.omp_set_num_threads(3)
+    faiss.cvar.distance_compute_blas_threshold = 0
+    yield
+    faiss.omp_set_num_threads(threads)
+    faiss.cvar.distance_compute_blas_threshold = threshold
+
+
+@pytest.mark.parametrize("batch_size", [2, 31, 4096])
+def test_sliced_search_matches_brute_force(three_threads_small_slices, batch_size):
+    import faiss
+
+    bank, bank_labels, queries, _ = random_problem(seed=21)
+    scores = knn_predict_scores(bank, bank_labels, queries, k=30, temperature=0.1, num_classes=7,
+                                batch_size=batch_size)
+    expected = reference_scores(bank, bank_labels, queries, 30, 0.1, 7)
+    np.testing.assert_allclose(scores.numpy(), expected, rtol=1e-4, atol=1e-6)
+    assert faiss.omp_get_max_threads() == 3  # the pool threads' OpenMP setting did not leak into the caller's
+
+
 def test_one_search_answers_every_k():
     bank, bank_labels, queries, query_labels = random_problem(seed=3)
     together = knn_classify(bank, bank_labels, queries, query_labels, ks=(5, 20, 100), batch_size=17)
