@@ -5,7 +5,7 @@ PYTHON_SYS ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 FASHION_DEBIAN := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
-DEMO_RUN := runs/fashion_mnist/simsiam_bf
+DEMO_RUN := runs/fashion_mnist/mocov3_bf
 
 .PHONY: setup data demo test clean
 setup: $(VENV)/.installed data

@@ -1,6 +1,6 @@
 """Self-supervised pretraining: `accelerate launch pretrain.py [--config RECIPE] [dotted.key=value ...]`.
 
-Without --config it runs the default recipe (Fashion-MNIST, SimSiam + BatchFormer, CPU-sized).
+Without --config it runs the default recipe (Fashion-MNIST, MoCo v3 + BatchFormer, CPU-sized).
 """
 
 import argparse
@@ -11,7 +11,7 @@ from batchssl.errors import exit_on_user_error
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="recipe YAML (default: recipes/fashion_mnist/simsiam_bf.yaml)")
+    parser.add_argument("--config", help="recipe YAML (default: recipes/fashion_mnist/mocov3_bf.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.epochs=5 output_dir=runs/x")
     args = parser.parse_args(argv)
     with exit_on_user_error("pretrain.py"):

@@ -8,10 +8,10 @@ from batchssl.errors import UserError
 from conftest import REPO
 
 
-def test_default_recipe_is_fashion_mnist_simsiam_with_batchformer():
+def test_default_recipe_is_fashion_mnist_with_batchformer():
     cfg = load_config()
-    assert (cfg.data.name, cfg.method.name, cfg.batchformer.enabled) == ("fashion_mnist", "simsiam", True)
-    assert DEFAULT_RECIPE.name == "simsiam_bf.yaml"
+    assert (cfg.data.name, cfg.method.name, cfg.batchformer.enabled) == ("fashion_mnist", "mocov3", True)
+    assert DEFAULT_RECIPE.name == "mocov3_bf.yaml"
 
 
 def test_quick_run_keys_and_override_types():

@@ -18,7 +18,7 @@ import yaml
 
 from batchssl.errors import UserError
 
-DEFAULT_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "fashion_mnist" / "simsiam_bf.yaml"
+DEFAULT_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "fashion_mnist" / "mocov3_bf.yaml"
 
 
 @dataclass
