@@ -87,7 +87,7 @@ def test_resuming_another_architecture_or_method_is_refused(tmp_path):
     args = [*TINY, "monitor.enabled=false", f"output_dir={tmp_path}"]
     run_pretrain(args)
     before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    for change, word in [("model.width=0.5", "width"), ("method.name=mocov3", "method")]:
+    for change, word in [("model.width=0.5", "width"), ("method.name=simsiam", "method")]:
         line = _one_line_error(run_pretrain([*args, "train.epochs=2", change], check=False))
         assert "written for another model" in line and word in line
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
