@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, default=1)
     args = parser.parse_args()
 
-    frozen = load_frozen(argparse.Namespace(run=args.run, backbone=None, overrides=[]))
+    frozen = load_frozen(argparse.Namespace(run=args.run, backbone=None, overrides=[], precision="auto"))
     train, val = eval_datasets(frozen.cfg.data)
     test_set = Transformed(val, eval_transform(frozen.info))
     print(f"run {args.run}: {frozen.cfg.model.arch} width {frozen.cfg.model.width}, train {len(train)}, "

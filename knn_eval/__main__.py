@@ -29,17 +29,14 @@ def main(argv=None) -> None:
 def run(args) -> dict:
     from batchssl.augment import eval_transform
     from batchssl.data import Transformed, eval_datasets
-    from batchssl.distributed import make_accelerator
     from batchssl.features import extract_features
-    from batchssl.frozen import feature_dtype, load_frozen, write_json
+    from batchssl.frozen import load_frozen, write_json
     from knn_eval.knn import knn_classify
 
     frozen = load_frozen(args)
-    accelerator = make_accelerator()
-    dtype = feature_dtype(frozen.cfg.train.mixed_precision if args.precision == "auto" else args.precision)
+    accelerator, dtype = frozen.accelerator, frozen.dtype
     bank, val = eval_datasets(frozen.cfg.data)
     transform = eval_transform(frozen.info)
-    frozen.backbone.to(accelerator.device)
     start = time.perf_counter()
     kwargs = dict(batch_size=args.batch_size, num_workers=frozen.cfg.data.num_workers, accelerator=accelerator,
                   dtype=dtype, progress=True)

@@ -37,18 +37,14 @@ def main(argv=None) -> None:
 
 
 def run(args) -> dict:
-
     from batchssl.augment import eval_transform, probe_train_transform
     from batchssl.data import Transformed, eval_datasets
-    from batchssl.distributed import make_accelerator
     from batchssl.features import extract_features
-    from batchssl.frozen import feature_dtype, load_frozen, write_json
+    from batchssl.frozen import load_frozen, write_json
     from linear_probe.probe import train_augmented_probe, train_cached_probes, train_val_split
 
     frozen = load_frozen(args)
-    accelerator = make_accelerator()
-    dtype = feature_dtype(frozen.cfg.train.mixed_precision if args.precision == "auto" else args.precision)
-    frozen.backbone.to(accelerator.device)
+    accelerator, dtype = frozen.accelerator, frozen.dtype
     train, val = eval_datasets(frozen.cfg.data)
     test_set = Transformed(val, eval_transform(frozen.info))
     workers = frozen.cfg.data.num_workers

@@ -8,6 +8,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -16,7 +17,11 @@ from batchssl.backbones import build_backbone
 from batchssl.checkpoint import BACKBONE_FILE, load_backbone
 from batchssl.config import Config, apply_overrides, build_config, load_run_config, to_dict
 from batchssl.data import DatasetInfo, dataset_info
+from batchssl.distributed import make_accelerator
 from batchssl.errors import UserError
+
+if TYPE_CHECKING:
+    import accelerate
 
 
 @dataclass
@@ -26,6 +31,8 @@ class Frozen:
     cfg: Config
     info: DatasetInfo
     out_dir: Path  # where the evaluator writes its JSON
+    accelerator: "accelerate.Accelerator"  # one or several processes; the backbone is on its device
+    dtype: torch.dtype | None  # feature-extraction autocast (--precision)
 
 
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,7 +69,10 @@ def load_frozen(args: argparse.Namespace) -> Frozen:
     info = dataset_info(cfg.data)
     backbone, feature_dim = build_backbone(cfg.model, info.in_channels, info.image_size)
     load_backbone(backbone, weights)
-    return Frozen(backbone.requires_grad_(False).eval(), feature_dim, cfg, info, out_dir)
+    accelerator = make_accelerator()
+    dtype = feature_dtype(cfg.train.mixed_precision if args.precision == "auto" else args.precision)
+    backbone = backbone.requires_grad_(False).eval().to(accelerator.device)
+    return Frozen(backbone, feature_dim, cfg, info, out_dir, accelerator, dtype)
 
 
 def feature_dtype(precision: str) -> torch.dtype | None:
