@@ -22,17 +22,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_torchrun(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2 script args` on gloo (one thread per process); the caller checks the result."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(script), *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
 def run_pretrain(args, nproc: int = 1, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"),
-           "PYTHONWARNINGS": "ignore"}
-    if nproc == 1:
-        cmd = [sys.executable, "pretrain.py", *args]
+    """pretrain.py in one process, or in two under torchrun (nproc=2)."""
+    if nproc == 2:
+        result = run_torchrun("pretrain.py", *args, timeout=timeout)
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "pretrain.py", *args]
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        result = subprocess.run([sys.executable, "pretrain.py", *args], cwd=REPO, capture_output=True, text=True,
+                                timeout=timeout)
     if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stderr[-4000:]}")
+        raise AssertionError(f"pretrain.py {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return result
 
 

@@ -5,9 +5,12 @@ SyncBatchNorm is on in the 2-process runs (CrossProcessBatchNorm on the CPU). St
 gradients (DDP averaging, BatchFormer's gathered attention, synced batch norm) match too, not only the forward.
 """
 
+import subprocess
+import sys
+
 import pytest
 
-from conftest import TINY, run_pretrain, step_losses
+from conftest import REPO, TINY, run_pretrain, run_torchrun, step_losses
 
 CASES = {
     "simsiam_bf_gather": ["--config", "recipes/fashion_mnist/simsiam_bf.yaml", "batchformer.gather=true"],
@@ -45,16 +48,8 @@ def test_batch_not_divisible_by_processes_is_refused(tmp_path):
 def test_two_process_gradients_equal_one_process_in_float64(method, batchformer, tmp_path):
     """In float64 the 2-process gradients (DDP + synced BN + gathered keys/attention) equal the 1-process ones to
     1e-9: the float32 runs above differ after step 1 only by rounding, amplified through batch norm."""
-    import os
-    import subprocess
-    import sys
-
-    from conftest import REPO, free_port
     script, out = str(REPO / "tests" / "helpers" / "grads_2proc.py"), str(tmp_path / "grads.pt")
     subprocess.run([sys.executable, script, method, batchformer, out], check=True, timeout=120)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-                             script, method, batchformer, out],
-                            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = run_torchrun(script, method, batchformer, out)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "max relative gradient difference" in result.stdout

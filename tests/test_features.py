@@ -1,10 +1,6 @@
 """batchssl.features.extract_features: one process against a direct forward, modes, autocast, two processes."""
 
 import importlib.util
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +9,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from batchssl.features import extract_features
+from conftest import run_torchrun
 
 HELPER = Path(__file__).parent / "helpers" / "extract_2proc.py"
 
@@ -69,17 +66,8 @@ def test_empty_dataset_is_an_error():
         extract_features(backbone, TensorDataset(torch.empty(0, 3, 8, 8), torch.empty(0, dtype=torch.long)))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_gather_in_dataset_order(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(HELPER), str(tmp_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    done = run_torchrun(HELPER, str(tmp_path), timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
 
     backbone, dataset = helper.build()

@@ -1,10 +1,6 @@
 """linear_probe.probe: the cached grid, the augmented protocol, its frozen-backbone check, resume, two processes."""
 
 import importlib.util
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +8,7 @@ import torch
 from torch import nn
 
 from batchssl.errors import UserError
+from conftest import run_torchrun
 from linear_probe.probe import (
     CHECKPOINT_NAME,
     LARS,
@@ -173,16 +170,8 @@ def test_resume_from_epoch_checkpoint_equals_uninterrupted_run(tmp_path):
         train_augmented_probe(backbone, train_set, test_set, checkpoint_dir=tmp_path / "b", **helper.PROBE)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_match_one(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(HELPER), str(tmp_path)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = run_torchrun(HELPER, str(tmp_path), timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     two = torch.load(tmp_path / "result.pt", weights_only=True)
     two_head = torch.load(tmp_path / "ckpt" / CHECKPOINT_NAME, weights_only=True)["head"]
