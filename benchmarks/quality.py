@@ -17,6 +17,10 @@ variants apart.
     python benchmarks/quality.py                                   # 4 recipes x 3 seeds, test split
     python benchmarks/quality.py --holdout 10000 --seeds 0         # tuning
     python benchmarks/quality.py --recipes simsiam_bf --set batchformer.scope=per_view --tag _perview
+
+`--jobs N` runs N (recipe, seed) pairs at once: for a machine with many cores (a GPU machine whose loaders are
+the bottleneck at 28 px). Their pretraining minutes then measure nothing: budgets are the recipes' epochs, sized
+for equal time on the 2-core reference machine, run one at a time.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -48,7 +53,8 @@ def pretrain(recipe: str, seed: int, directory: Path, overrides: list[str]) -> f
            f"output_dir={directory}", *overrides]
     print("$", " ".join(cmd), flush=True)
     start = time.perf_counter()
-    subprocess.run(cmd, cwd=REPO, check=True, stderr=subprocess.DEVNULL)
+    with open(directory.parent / f"{directory.name}.log", "w") as log:  # beside the run: its errors, if any
+        subprocess.run(cmd, cwd=REPO, check=True, stdout=log, stderr=subprocess.STDOUT)
     seconds = time.perf_counter() - start
     timing.write_text(json.dumps({"pretrain_seconds": seconds}))
     return seconds
@@ -93,6 +99,7 @@ def floors(recipe: str, seeds: list[int], overrides: list[str]) -> dict:
     for seed in seeds:
         torch.manual_seed(seed)
         backbone, _ = build_backbone(cfg.model, info.in_channels, info.image_size)
+        backbone.to("cuda" if torch.cuda.is_available() else "cpu")
         random_init.append(knn(*extract_features(backbone, bank, batch_size=512),
                                *extract_features(backbone, val, batch_size=512)))
     result["random_init"] = random_init
@@ -131,23 +138,35 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="+", default=RECIPES)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--holdout", type=int, default=0, help="tune on the last N training images, not the test set")
-    parser.add_argument("--set", nargs="*", default=[], metavar="key=value", help="overrides for every run")
+    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="key=value",
+                        help="overrides for every run (may be repeated)")
     parser.add_argument("--tag", default="", help="suffix of the run directories for a variant")
+    parser.add_argument("--jobs", type=int, default=1, help="(recipe, seed) pairs run at once")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "quality"))
     args = parser.parse_args()
 
     out = Path(args.out) / (f"holdout{args.holdout}" if args.holdout else "test")
     out.mkdir(parents=True, exist_ok=True)
     overrides = [*args.set] + ([f"data.holdout={args.holdout}"] if args.holdout else [])
+
+    def one(pair: tuple[str, int]) -> tuple[float, float]:
+        recipe, seed = pair
+        directory = run_dir(out, recipe, args.tag, seed)
+        seconds = pretrain(recipe, seed, directory, overrides)
+        return seconds, linear_probe(directory)
+
+    pairs = [(recipe, seed) for seed in args.seeds for recipe in args.recipes]
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:  # threads only wait on the subprocesses
+        results = dict(zip(pairs, pool.map(one, pairs)))
     rows, curves = [], {}
     for recipe in args.recipes:
         knn, probe, minutes, runs = [], [], [], []
         for seed in args.seeds:
-            directory = run_dir(out, recipe, args.tag, seed)
-            minutes.append(pretrain(recipe, seed, directory, overrides) / 60)
-            runs.append(monitor_curve(directory))
+            seconds, top1 = results[recipe, seed]
+            minutes.append(seconds / 60)
+            runs.append(monitor_curve(run_dir(out, recipe, args.tag, seed)))
             knn.append(runs[-1][-1][1])  # final epoch
-            probe.append(linear_probe(directory))
+            probe.append(top1)
         curves[recipe + args.tag] = runs
         rows.append({"recipe": recipe + args.tag, "knn_top1": knn, "linear_top1": probe, "minutes": minutes})
     floor = floors(args.recipes[0], args.seeds, overrides)

@@ -6,7 +6,9 @@ Two protocols:
   and only that head is scored on the test split. Fast: seconds on CPU for 60k x 512 features.
 - `train_augmented_probe`: the MoCo v3 / SimSiam protocol. The frozen backbone sees augmented training images
   every epoch (the caller's dataset applies RandomResizedCrop + flip), one linear head is trained with SGD
-  (or LARS, as SimSiam) and a cosine schedule, and is scored on the test set at the end.
+  (or LARS, as SimSiam) and a cosine schedule, and is scored on the test set at the end. By default its
+  features are standardised like the cached probe's (statistics fixed once, from training images), so both
+  probes train the same kind of head and differ only in the augmentation.
 
 Nothing here imports the trainer; `batchssl.features` is the only library part used.
 """
@@ -24,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
 from batchssl.errors import UserError
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
     import accelerate
 
 CHECKPOINT_NAME = "linear_probe.pt"
+STATS_IMAGES = 10_000  # training images whose features fix the augmented probe's standardisation
 
 
 class BackboneChangedError(RuntimeError):
@@ -227,6 +230,7 @@ def train_augmented_probe(
     checkpoint_dir: str | os.PathLike | None = None,
     dtype: torch.dtype | None = None,
     seed: int = 0,
+    standardize: bool = True,
     progress: bool = False,
 ) -> dict:
     """Train a linear head on a frozen backbone (MoCo v3 / SimSiam protocol) and score it on `test_dataset`.
@@ -237,6 +241,14 @@ def train_augmented_probe(
     N(0, 0.01) weights and zero bias. The backbone runs in eval mode without gradients, under autocast to
     `dtype` if given; it is moved to the accelerator's device when there is one. Its weights and buffers are
     fingerprinted at the start and checked at the end (BackboneChangedError if anything changed).
+
+    `standardize`: the head sees (features - mean) / std per dimension, with mean and variance measured once
+    on the features of up to STATS_IMAGES training images (a seeded subset, as `train_dataset` augments them):
+    the non-affine BatchNorm that MAE puts before its probe head, with fixed statistics as in the cached probe.
+    Without it the best lr depends on the backbone's feature scale (a 1/4-width ResNet's pooled features are
+    small), and one base lr cannot fit all backbones. The head stays linear in the raw features (the shift and
+    scale fold into its weight and bias). The statistics are kept in the checkpoint, so a resumed run uses the
+    same ones.
 
     With `checkpoint_dir`, head + optimizer + finished epochs are saved after each epoch and a later call with
     the same settings and backbone resumes from them. The training order is a function of (seed, epoch), so a
@@ -269,9 +281,14 @@ def train_augmented_probe(
 
     settings = dict(epochs=epochs, batch_size=batch_size, base_lr=base_lr, optimizer=optimizer,
                     weight_decay=weight_decay, momentum=momentum, seed=seed, num_classes=num_classes,
-                    feature_dim=feature_dim)
+                    feature_dim=feature_dim, standardize=standardize)
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
-    start_epoch = _resume(ckpt_path, head, opt, settings, fingerprint) if ckpt_path is not None else 0
+    start_epoch, stats = _resume(ckpt_path, head, opt, settings, fingerprint) if ckpt_path is not None else (0, None)
+    if stats is None:
+        stats = (feature_stats(backbone, train_dataset, feature_dim, seed, max(batch_size // world, 1), num_workers,
+                               accelerator, dtype) if standardize
+                 else (torch.zeros(feature_dim), torch.ones(feature_dim)))
+    mean, inv_std = (t.to(device) for t in stats)
     if accelerator is not None:
         head, opt = accelerator.prepare(head, opt)
 
@@ -294,7 +311,7 @@ def train_augmented_probe(
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                     feats = backbone(images).flatten(1)
-                loss = F.cross_entropy(head(feats.float()), labels)
+                loss = F.cross_entropy(head((feats.float() - mean) * inv_std), labels)
                 opt.zero_grad(set_to_none=True)
                 if accelerator is not None:
                     accelerator.backward(loss)
@@ -309,7 +326,7 @@ def train_augmented_probe(
                 loss_sum = accelerator.reduce(loss_sum, reduction="sum")
             train_loss = (loss_sum[0] / loss_sum[1]).item()
             if ckpt_path is not None and is_main:
-                _save(ckpt_path, _unwrap(head, accelerator), opt, epoch + 1, settings, fingerprint)
+                _save(ckpt_path, _unwrap(head, accelerator), opt, epoch + 1, settings, fingerprint, stats)
             if accelerator is not None:
                 accelerator.wait_for_everyone()
 
@@ -319,8 +336,26 @@ def train_augmented_probe(
     check_backbone_unchanged(backbone, fingerprint)
     final = _unwrap(head, accelerator)
     with torch.no_grad():
+        feats = (feats - mean.cpu()) * inv_std.cpu()
         acc = topk_accuracy(F.linear(feats, final.weight.float().cpu(), final.bias.float().cpu()), labels)
     return {"top1": acc[1], "top5": acc[5], "lr": peak_lr, "epochs": epochs, "train_loss": train_loss}
+
+
+def feature_stats(backbone: nn.Module, dataset, feature_dim: int, seed: int, batch_size: int, num_workers: int = 0,
+                  accelerator: "accelerate.Accelerator | None" = None, dtype: torch.dtype | None = None,
+                  max_images: int = STATS_IMAGES) -> tuple[Tensor, Tensor]:
+    """(mean, 1 / sqrt(var + 1e-6)) per feature dimension over a seeded subset of `dataset`, on CPU.
+
+    The subset's rows are shared out over the processes and gathered by `extract_features`, so every process
+    gets the same statistics. The variance is the biased one, as BatchNorm normalises with.
+    """
+    count = min(len(dataset), max_images)
+    indices = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count].sort().values
+    feats, _ = extract_features(backbone, Subset(dataset, indices.tolist()), batch_size=batch_size,
+                                num_workers=num_workers, accelerator=accelerator, dtype=dtype, desc="probe statistics")
+    if feats.shape[1] != feature_dim:
+        raise ValueError(f"the backbone gives {feats.shape[1]} features, the probe expects {feature_dim}")
+    return feats.mean(0), torch.rsqrt(feats.var(0, unbiased=False) + 1e-6)
 
 
 @contextmanager
@@ -340,19 +375,22 @@ def _unwrap(head: nn.Module, accelerator) -> nn.Module:
     return accelerator.unwrap_model(head) if accelerator is not None else head
 
 
-def _save(path: Path, head: nn.Module, opt, epochs_done: int, settings: dict, fingerprint: dict) -> None:
+def _save(path: Path, head: nn.Module, opt, epochs_done: int, settings: dict, fingerprint: dict,
+          stats: tuple[Tensor, Tensor]) -> None:
     """Write to a temporary name, then rename: an interrupted save never replaces the last good checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save({"head": head.state_dict(), "optimizer": opt.state_dict(), "epoch": epochs_done,
-                "settings": settings, "backbone": fingerprint}, tmp)
+                "settings": settings, "backbone": fingerprint, "feature_mean": stats[0].cpu(),
+                "feature_inv_std": stats[1].cpu()}, tmp)
     os.replace(tmp, path)
 
 
-def _resume(path: Path, head: nn.Module, opt, settings: dict, fingerprint: dict) -> int:
-    """Load head and optimizer from `path` if it exists; return the number of epochs already done."""
+def _resume(path: Path, head: nn.Module, opt, settings: dict,
+            fingerprint: dict) -> tuple[int, tuple[Tensor, Tensor] | None]:
+    """Load head and optimizer from `path` if it exists; return (epochs already done, its feature statistics)."""
     if not path.is_file():
-        return 0
+        return 0, None
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state["settings"] != settings:
         diff = sorted(k for k in settings.keys() | state["settings"].keys()
@@ -363,4 +401,4 @@ def _resume(path: Path, head: nn.Module, opt, settings: dict, fingerprint: dict)
         raise UserError(f"{path} was written for another backbone; use another checkpoint directory")
     head.load_state_dict(state["head"])
     opt.load_state_dict(state["optimizer"])
-    return state["epoch"]
+    return state["epoch"], (state["feature_mean"], state["feature_inv_std"])

@@ -101,6 +101,23 @@ def test_augmented_probe_runs_and_leaves_backbone_as_it_was():
     assert backbone.training and all(p.requires_grad for p in backbone.parameters())
 
 
+def test_augmented_probe_standardises_with_training_feature_statistics(tmp_path):
+    backbone, train_set, test_set = helper.build()
+    train_augmented_probe(backbone, train_set, test_set, checkpoint_dir=tmp_path, **{**helper.PROBE, "epochs": 1})
+    state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    backbone.eval()  # 64 training images: all of them fix the statistics, through the backbone in eval mode
+    with torch.no_grad():
+        feats = backbone(train_set.tensors[0]).flatten(1)
+    torch.testing.assert_close(state["feature_mean"], feats.mean(0))
+    torch.testing.assert_close(state["feature_inv_std"], torch.rsqrt(feats.var(0, unbiased=False) + 1e-6))
+
+    train_augmented_probe(backbone, train_set, test_set, checkpoint_dir=tmp_path / "raw", standardize=False,
+                          **{**helper.PROBE, "epochs": 1})
+    raw = torch.load(tmp_path / "raw" / CHECKPOINT_NAME, weights_only=True)
+    assert torch.equal(raw["feature_mean"], torch.zeros(helper.FEATURE_DIM))
+    assert torch.equal(raw["feature_inv_std"], torch.ones(helper.FEATURE_DIM))
+
+
 def test_lars_probe_runs():
     backbone, train_set, test_set = helper.build()
     result = train_augmented_probe(backbone, train_set, test_set, **{**helper.PROBE, "epochs": 1},
@@ -143,7 +160,7 @@ def test_resume_from_epoch_checkpoint_equals_uninterrupted_run(tmp_path):
     def interrupt(module, inputs, output):
         nonlocal forwards
         forwards += 1
-        if forwards == 6:  # 64 images / batch 16 = 4 steps per epoch
+        if forwards == 4 + 6:  # 4 batches of feature statistics, then 64 images / batch 16 = 4 steps per epoch
             raise Interrupt
 
     handle = backbone.register_forward_hook(interrupt)
