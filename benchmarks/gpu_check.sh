@@ -9,19 +9,13 @@
 # into /tmp/site when missing. Prepared here with:
 #   pip download --no-deps --only-binary :all: --python-version 3.12 -d .devpkgs faiss-cpu==1.15.1
 #   cp -r .venv/lib/python3.11/site-packages/lightly .devpkgs/
-# (lightly is pure Python; its own dependencies are on the GPU image already) and, for the real run, a subset
-# of Fashion-MNIST in idx.gz format in .devpkgs/fmnist (the full files are too large to carry).
+# (lightly is pure Python; its own dependencies are on the GPU image already) and Fashion-MNIST's idx.gz files in
+# .devpkgs/fmnist (31 MB: they fit in the 64 MiB a call carries beside the 18 MB faiss wheel; part 2 uses 8192
+# images of them). benchmarks/device_env.sh does the installing, for quality_on_gpu.sh too.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 FMNIST=${1:-/usr/share/datasets/fashion-mnist}
-PKGS=${PKGS:-.devpkgs}
-export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
-if ! python3 -c "import lightly, faiss" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$PKGS"/faiss_cpu-*.whl
-  cp -r "$PKGS/lightly" /tmp/site/
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/ssl:$PWD
+source benchmarks/device_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
 NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")

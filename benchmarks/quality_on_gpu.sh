@@ -7,15 +7,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 FMNIST=${FMNIST:-/usr/share/datasets/fashion-mnist}
-PKGS=${PKGS:-.devpkgs}
 JOBS=${JOBS:-4}
 WORKERS=${WORKERS:-3}
-export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
-if ! python3 -c "import lightly, faiss" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$PKGS"/faiss_cpu-*.whl
-  cp -r "$PKGS/lightly" /tmp/site/
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/ssl:$PWD
+source benchmarks/device_env.sh
 exec python3 benchmarks/quality.py --jobs "$JOBS" --out "${OUTDIR:-benchmarks/out/quality_gpu}" "$@" \
   --set data.root="$FMNIST" data.num_workers="$WORKERS" train.mixed_precision=no ${EXTRA_SET:-}

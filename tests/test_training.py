@@ -39,7 +39,7 @@ def test_fashion_mnist_recipe_runs(recipe, tmp_path):
 @pytest.mark.slow
 def test_resume_after_kill_reproduces_the_uninterrupted_losses(tmp_path):
     args = ["--config", "recipes/fashion_mnist/simsiam_bf.yaml", *TINY, "train.epochs=3",
-            "checkpoint.every_n_epochs=1", "checkpoint.keep_last=5", "monitor.enabled=false"]
+            "checkpoint.every_n_epochs=1", "checkpoint.keep_last=5", "monitor.every_n_epochs=1"]
     run_pretrain([*args, f"output_dir={tmp_path / 'straight'}"])
     straight = step_losses(tmp_path / "straight")
     assert sorted(straight) == list(range(1, 13))
@@ -59,7 +59,13 @@ def test_resume_after_kill_reproduces_the_uninterrupted_losses(tmp_path):
     assert f"resumed from {resumed_from[-1]}" in result.stdout + result.stderr
     again = step_losses(killed)
     assert sorted(again) == list(range(1, 13))  # lines of the interrupted epoch were replaced, not repeated
-    assert again == straight  # exactly equal, step by step
+    assert again == straight  # exactly equal, step by step (the monitor's random draws included)
+    assert [e for e, _ in knn_lines(killed)] == [1, 2, 3]  # each epoch's kNN line once, the checkpointed one's too
+    assert knn_lines(killed) == knn_lines(tmp_path / "straight")
+
+
+def knn_lines(run) -> list[tuple[int, float]]:
+    return [(m["epoch"], m["knn_top1"]) for m in read_metrics(run) if "knn_top1" in m]
 
 
 def _one_line_error(result) -> str:

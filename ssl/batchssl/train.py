@@ -245,12 +245,10 @@ def train(cfg: Config) -> dict:
 
         done = epoch + 1
         final = done == cfg.train.epochs
-        every = cfg.checkpoint.every_n_epochs
-        if final or (every and done % every == 0):
-            state = {"epoch": done, "step": done * steps_per_epoch, "model_signature": ckpt.model_signature(cfg)}
-            ckpt.save_checkpoint(accelerator, out, state, cfg.checkpoint.keep_last)
-            if accelerator.is_main_process:
-                ckpt.export_backbone(inner.backbone, out / ckpt.BACKBONE_FILE)
+        # The monitor runs before the checkpoint: a run stopped between the two resumes from the previous
+        # checkpoint and monitors this epoch again, and the checkpoint's RNG state is the one after the monitor
+        # (its loaders draw from torch's global generator), so a resumed run continues exactly as one that never
+        # stopped; the other order loses the epoch's kNN line and shifts the random stream.
         every = cfg.monitor.every_n_epochs
         if monitor and (final or (every and done % every == 0)):
             result = monitor(inner.backbone, accelerator, eval_dtype)
@@ -260,6 +258,12 @@ def train(cfg: Config) -> dict:
                 accelerator.print(f"epoch {done}: kNN top-1 {result['knn_top1']:.2f} top-5 {result['knn_top5']:.2f} "
                                   f"({result['knn_seconds']:.1f} s)")
                 last.update(result)
+        every = cfg.checkpoint.every_n_epochs
+        if final or (every and done % every == 0):
+            state = {"epoch": done, "step": done * steps_per_epoch, "model_signature": ckpt.model_signature(cfg)}
+            ckpt.save_checkpoint(accelerator, out, state, cfg.checkpoint.keep_last)
+            if accelerator.is_main_process:
+                ckpt.export_backbone(inner.backbone, out / ckpt.BACKBONE_FILE)
 
     if start_epoch >= cfg.train.epochs and accelerator.is_main_process:
         accelerator.print(f"{out}: already trained for {cfg.train.epochs} epochs; nothing to do")
