@@ -2,11 +2,11 @@
 
 cached (default): features computed once (no augmentation), a grid of learning rates trained together, the head
   chosen on a held-out 10% of the training split (never the test split), scored on the validation split.
-augmented: the MoCo v3 / SimSiam protocol (RandomResizedCrop + flip every epoch, SGD momentum 0.9, wd 0,
-  lr = base * batch / 256, cosine, 90 epochs at ImageNet scale; --optimizer lars for SimSiam's 4096 batches);
-  features standardised with statistics fixed from 10k training images, as the cached probe's (MAE's
-  BatchNorm before the head; --raw-features for none); checkpoints every epoch into <run>/linear_probe_ckpt and
-  resumes from it.
+augmented: the MoCo v3 / SimSiam protocol (RandomResizedCrop + flip every epoch, below 64 px a crop of the
+  1/8-padded image instead (--crop), SGD momentum 0.9, wd 0, lr = base * batch / 256, cosine, 90 epochs at
+  ImageNet scale; --optimizer lars for SimSiam's 4096 batches); features standardised with statistics fixed
+  from 10k training images, as the cached probe's (MAE's BatchNorm before the head; --raw-features for none);
+  checkpoints every epoch into <run>/linear_probe_ckpt and resumes from it.
 Writes linear_probe.json (one entry per mode). `accelerate launch -m linear_probe ...` runs on several processes.
 """
 
@@ -29,6 +29,9 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, help="global batch; default: 1024 cached, 256 augmented")
     parser.add_argument("--base-lr", type=float, default=0.1, help="augmented: lr = base * batch / 256")
     parser.add_argument("--optimizer", choices=["sgd", "lars"], default="sgd", help="augmented mode")
+    parser.add_argument("--crop", choices=["auto", "resized", "padded"], default="auto",
+                        help="augmented mode: RandomResizedCrop (MoCo v3 / SimSiam), a crop of the padded image, "
+                             "or auto: resized from 64 px up, padded below")
     parser.add_argument("--raw-features", action="store_true",
                         help="augmented mode: no feature standardisation (the head sees the backbone's raw output)")
     parser.add_argument("--lrs", type=float, nargs="+", default=[0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0],
@@ -67,7 +70,7 @@ def run(args) -> dict:
                                      device=accelerator.device, progress=True)
     else:
         result = train_augmented_probe(
-            frozen.backbone, Transformed(train, probe_train_transform(frozen.info)), test_set,
+            frozen.backbone, Transformed(train, probe_train_transform(frozen.info, args.crop)), test_set,
             frozen.info.num_classes, frozen.feature_dim, epochs=args.epochs or 90,
             batch_size=args.batch_size or 256, base_lr=args.base_lr, optimizer=args.optimizer,
             num_workers=workers, accelerator=accelerator, checkpoint_dir=frozen.out_dir / "linear_probe_ckpt",

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torchvision
 
-from batchssl.augment import eval_transform, view_transforms
+from batchssl.augment import eval_transform, probe_train_transform, view_transforms
 from batchssl.backbones import build_backbone
 from batchssl.checkpoint import load_backbone
 from batchssl.config import DataConfig, ModelConfig, load_config
@@ -60,6 +60,29 @@ def test_eval_transform_is_deterministic_and_normalised():
     x = torch.stack([eval_transform(info)(train[i][0]) for i in range(2000)])
     assert x.shape == (2000, 1, 28, 28)
     assert abs(x.mean().item()) < 0.05 and abs(x.std().item() - 1) < 0.05
+
+
+def test_probe_crop_below_64_px_shifts_and_flips_without_rescaling():
+    info = dataset_info(DataConfig(name="fashion_mnist"))
+    train, _ = eval_datasets(DataConfig(name="fashion_mnist", limit=1))
+    image = train[0][0]
+    padded = torch.nn.functional.pad(torch.from_numpy(np.array(image, dtype=np.float32) / 255), (3, 3, 3, 3))
+    crops = [padded[dy:dy + 28, dx:dx + 28] for dy in range(7) for dx in range(7)]  # 28 // 8 = 3 px of padding
+    transform = probe_train_transform(info)  # auto: the padded crop at 28 px
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(20):
+        x = transform(image)[0] * info.std[0] + info.mean[0]
+        hits = [(i, flip) for i, crop in enumerate(crops) for flip in (False, True)
+                if torch.allclose(x, crop.flip(-1) if flip else crop, atol=1e-5)]
+        assert hits, "not a shifted (and maybe flipped) copy of the image at its own scale"
+        seen.update(hits)
+    assert len(seen) > 5  # it does move
+    large = dataset_info(DataConfig(name="stl10"))
+    assert isinstance(probe_train_transform(large).transforms[0], torchvision.transforms.RandomResizedCrop)
+    assert isinstance(probe_train_transform(info, "resized").transforms[0], torchvision.transforms.RandomResizedCrop)
+    with pytest.raises(ValueError, match="crop must be one of"):
+        probe_train_transform(info, "centre")
 
 
 @pytest.mark.parametrize("arch, size, dim", [("resnet18", 32, 512), ("resnet50", 64, 2048), ("vit_tiny", 32, 192)])

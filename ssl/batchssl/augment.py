@@ -64,11 +64,22 @@ def eval_transform(info: DatasetInfo) -> T.Compose:
     return T.Compose(steps + [T.ToTensor(), T.Normalize(info.mean, info.std)])
 
 
-def probe_train_transform(info: DatasetInfo) -> T.Compose:
-    """Linear-probe training augmentation of MoCo v3 / SimSiam: RandomResizedCrop + horizontal flip."""
-    return T.Compose([
-        T.RandomResizedCrop(info.image_size, scale=(0.08, 1.0) if info.image_size >= 64 else (0.2, 1.0)),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize(info.mean, info.std),
-    ])
+PROBE_CROPS = ("auto", "resized", "padded")
+
+
+def probe_train_transform(info: DatasetInfo, crop: str = "auto") -> T.Compose:
+    """Linear-probe training augmentation: a random crop + horizontal flip.
+
+    crop="resized": MoCo v3 / SimSiam's RandomResizedCrop (scale 0.08-1; 0.2-1 below 64 px); "padded": a crop of
+    the image's own size from the image zero-padded by 1/8 of its side, the usual small-image augmentation, which
+    keeps the object's scale; "auto": resized from 64 px up, padded below.
+    """
+    if crop not in PROBE_CROPS:
+        raise ValueError(f"crop must be one of {PROBE_CROPS}, got {crop!r}")
+    if crop == "auto":
+        crop = "resized" if info.image_size >= 64 else "padded"
+    if crop == "resized":
+        first = T.RandomResizedCrop(info.image_size, scale=(0.08, 1.0) if info.image_size >= 64 else (0.2, 1.0))
+    else:
+        first = T.RandomCrop(info.image_size, padding=max(info.image_size // 8, 1))
+    return T.Compose([first, T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(info.mean, info.std)])
