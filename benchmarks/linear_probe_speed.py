@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
-    from batchssl.augment import eval_transform, probe_train_transform
+    from batchssl.augment import PROBE_CROPS, eval_transform, probe_train_transform
     from batchssl.data import Transformed, eval_datasets
     from batchssl.features import extract_features
     from batchssl.frozen import load_frozen
@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--base-lr", type=float, default=0.1, help="MoCo v3's linear-probe lr for ResNets")
     parser.add_argument("--raw-features", action="store_true")
-    parser.add_argument("--crop", choices=["auto", "resized", "padded"], default="auto")
+    parser.add_argument("--crop", choices=PROBE_CROPS, default="auto")
     parser.add_argument("--set", nargs="*", default=[], metavar="key=value",
                         help="config overrides; data.holdout=10000 compares probe settings without the test split")
     parser.add_argument("--num-workers", type=int, default=1)

@@ -63,8 +63,9 @@ def pretrain(recipe: str, seed: int, directory: Path, overrides: list[str]) -> f
 def linear_probe(directory: Path) -> float:
     path = directory / "linear_probe.json"
     if not (path.is_file() and "cached" in json.loads(path.read_text())):
-        subprocess.run([sys.executable, "-m", "linear_probe", "--run", str(directory)], cwd=REPO, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with open(directory.parent / f"{directory.name}.log", "a") as log:  # after the pretraining's output
+            subprocess.run([sys.executable, "-m", "linear_probe", "--run", str(directory)], cwd=REPO, check=True,
+                           stdout=log, stderr=subprocess.STDOUT)
     return json.loads(path.read_text())["cached"]["top1"]
 
 

@@ -11,4 +11,4 @@ JOBS=${JOBS:-4}
 WORKERS=${WORKERS:-3}
 source benchmarks/device_env.sh
 exec python3 benchmarks/quality.py --jobs "$JOBS" --out "${OUTDIR:-benchmarks/out/quality_gpu}" "$@" \
-  --set data.root="$FMNIST" data.num_workers="$WORKERS" train.mixed_precision=no ${EXTRA_SET:-}
+  --set data.root="$FMNIST" data.num_workers="$WORKERS" train.mixed_precision=no

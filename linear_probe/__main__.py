@@ -19,6 +19,7 @@ from batchssl.errors import exit_on_user_error
 
 
 def main(argv=None) -> None:
+    from batchssl.augment import PROBE_CROPS
     from batchssl.frozen import add_source_arguments
 
     parser = argparse.ArgumentParser(prog="python -m linear_probe", description=__doc__,
@@ -29,7 +30,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, help="global batch; default: 1024 cached, 256 augmented")
     parser.add_argument("--base-lr", type=float, default=0.1, help="augmented: lr = base * batch / 256")
     parser.add_argument("--optimizer", choices=["sgd", "lars"], default="sgd", help="augmented mode")
-    parser.add_argument("--crop", choices=["auto", "resized", "padded"], default="auto",
+    parser.add_argument("--crop", choices=PROBE_CROPS, default="auto",
                         help="augmented mode: RandomResizedCrop (MoCo v3 / SimSiam), a crop of the padded image, "
                              "or auto: resized from 64 px up, padded below")
     parser.add_argument("--raw-features", action="store_true",

@@ -336,7 +336,7 @@ def train_augmented_probe(
     check_backbone_unchanged(backbone, fingerprint)
     final = _unwrap(head, accelerator)
     with torch.no_grad():
-        feats = (feats - mean.cpu()) * inv_std.cpu()
+        feats = (feats - stats[0]) * stats[1]  # the statistics live on the CPU, like the extracted features
         acc = topk_accuracy(F.linear(feats, final.weight.float().cpu(), final.bias.float().cpu()), labels)
     return {"top1": acc[1], "top5": acc[5], "lr": peak_lr, "epochs": epochs, "train_loss": train_loss}
 
@@ -381,8 +381,8 @@ def _save(path: Path, head: nn.Module, opt, epochs_done: int, settings: dict, fi
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save({"head": head.state_dict(), "optimizer": opt.state_dict(), "epoch": epochs_done,
-                "settings": settings, "backbone": fingerprint, "feature_mean": stats[0].cpu(),
-                "feature_inv_std": stats[1].cpu()}, tmp)
+                "settings": settings, "backbone": fingerprint, "feature_mean": stats[0],
+                "feature_inv_std": stats[1]}, tmp)
     os.replace(tmp, path)
 
 
