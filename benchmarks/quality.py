@@ -51,7 +51,7 @@ def pretrain(recipe: str, seed: int, directory: Path, overrides: list[str]) -> f
         return json.loads(timing.read_text())["pretrain_seconds"]
     cmd = [sys.executable, "pretrain.py", "--config", f"recipes/fashion_mnist/{recipe}.yaml", f"seed={seed}",
            f"output_dir={directory}", *overrides]
-    print("$", " ".join(cmd), flush=True)
+    print(f"$ {' '.join(cmd)}", flush=True)  # one string: runs started at once must not interleave it
     start = time.perf_counter()
     with open(directory.parent / f"{directory.name}.log", "w") as log:  # beside the run: its errors, if any
         subprocess.run(cmd, cwd=REPO, check=True, stdout=log, stderr=subprocess.STDOUT)
