@@ -1,0 +1,73 @@
+"""train.log_with=tensorboard: the flattened config TensorBoard accepts, and a real run's scalars read back."""
+
+import math
+
+import pytest
+
+from batchssl.config import Config, to_dict
+from batchssl.trackers import read_scalars, tracker_config
+from conftest import TINY, read_metrics, run_pretrain
+
+
+def test_tracker_config_flattens_to_scalars():
+    flat = tracker_config({"output_dir": "runs/x", "seed": 0,
+                           "data": {"limit": None, "num_workers": 2, "download": False},
+                           "optim": {"betas": [0.9, 0.95], "pair": (1, 2), "base_lr": 0.05},
+                           "deep": {"inner": {"x": 1}}})
+    assert flat == {"output_dir": "runs/x", "seed": 0, "data.limit": "none", "data.num_workers": 2,
+                    "data.download": False, "optim.betas": "[0.9, 0.95]", "optim.pair": "[1, 2]",
+                    "optim.base_lr": 0.05, "deep.inner.x": 1}
+
+
+def test_tracker_config_of_the_default_config_is_all_scalars():
+    flat = tracker_config(to_dict(Config()))
+    assert flat["train.log_with"] == "none" and flat["data.limit"] == "none"
+    assert flat["optim.betas"] == "[0.9, 0.95]"
+    assert flat["method.proj_dim"] == 2048 and flat["output_dir"] == "runs/default"
+    assert all(isinstance(v, (bool, int, float, str)) for v in flat.values())
+
+
+def test_tensorboard_accepts_it(tmp_path):
+    pytest.importorskip("tensorboard")
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(tmp_path)) as writer:
+        writer.add_hparams(tracker_config(to_dict(Config())), metric_dict={})
+    with pytest.raises(ValueError):  # what train.log_with=tensorboard died of: a list (optim.betas)
+        with SummaryWriter(str(tmp_path / "raw")) as writer:
+            writer.add_hparams({"optim.betas": [0.9, 0.95]}, metric_dict={})
+
+
+def test_read_scalars(tmp_path):
+    pytest.importorskip("tensorboard")
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(tmp_path / "project")) as writer:
+        for step in (3, 1, 2):
+            writer.add_scalar("loss", 1.0 / step, global_step=step)
+        writer.add_scalar("knn_top1", 42.5, global_step=3)
+    scalars = read_scalars(tmp_path)
+    assert [s for s, _ in scalars["loss"]] == [1, 2, 3]
+    assert scalars["knn_top1"] == [(3, 42.5)]
+
+
+@pytest.mark.slow
+def test_tensorboard_run_logs_every_metric(tmp_path):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    run_pretrain([*TINY, "train.log_with=tensorboard", f"output_dir={out}"])
+    scalars = read_scalars(out)
+    metrics = read_metrics(out)
+    steps = [m["step"] for m in metrics if "loss" in m]
+    assert steps == [1, 2, 3, 4]  # 256 images / 64 per step, logged every step
+    for tag in ("loss", "lr"):
+        assert [s for s, _ in scalars[tag]] == steps, tag
+    last_step = steps[-1]
+    assert [s for s, _ in scalars["knn_top1"]] == [last_step]
+    # Every number metrics.jsonl has (online_top1 too, once the trainer logs it) is in TensorBoard at its step.
+    for record in metrics:
+        for key, value in record.items():
+            if key == "step" or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            logged = dict(scalars[key])
+            assert math.isclose(logged[record["step"]], value, rel_tol=1e-6, abs_tol=1e-6), key
