@@ -5,6 +5,7 @@ Without --config it runs the default recipe (Fashion-MNIST, MoCo v3 + BatchForme
 
 import argparse
 import sys
+from pathlib import Path
 
 from batchssl.errors import exit_on_user_error
 
@@ -15,10 +16,10 @@ def main(argv=None) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.epochs=5 output_dir=runs/x")
     args = parser.parse_args(argv)
     with exit_on_user_error("pretrain.py"):
-        from batchssl.config import load_config
+        from batchssl.config import DEFAULT_RECIPE, load_config
         from batchssl.train import train
 
-        train(load_config(args.config, args.overrides))
+        train(load_config(args.config or Path(__file__).resolve().parent / DEFAULT_RECIPE, args.overrides))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Speed, memory and agreement of the weighted-kNN evaluators, side by side.
 
 Methods, all on the same L2-normalised float32 features, the same k, T and query batch size:
-  ours      knn_eval.knn.knn_classify (FAISS IndexFlatIP, one search for all k, batched queries; the time
+  ours      batchssl.eval.knn.knn_classify (FAISS IndexFlatIP, one search for all k, batched queries; the time
             includes building the index)
   lightly   lightly.utils.benchmarking.knn_predict, called per query batch as its docs show
   matmul    plain torch: batch @ bank.T, topk, exp(s / T) weights, scatter_add vote
@@ -57,7 +57,7 @@ def run_method(method: str, bank, bank_labels, queries, query_labels, args) -> t
     """(timed function, function returning top-1 predictions or None) for one method."""
     n_batches = range(0, len(queries), args.batch_size)
     if method == "ours":
-        from knn_eval.knn import knn_classify, knn_predict_scores
+        from batchssl.eval.knn import knn_classify, knn_predict_scores
 
         def timed():
             knn_classify(bank, bank_labels, queries, query_labels, ks=(args.k,), temperature=args.t,

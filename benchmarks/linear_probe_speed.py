@@ -24,9 +24,10 @@ REPO = Path(__file__).resolve().parents[1]
 def main() -> None:
     from batchssl.augment import PROBE_CROPS, eval_transform, probe_train_transform
     from batchssl.data import Transformed, eval_datasets
-    from batchssl.features import extract_features
-    from batchssl.frozen import load_frozen
-    from linear_probe.probe import train_augmented_probe, train_cached_probes, train_val_split
+    from batchssl.eval.features import extract_features
+    from batchssl.eval.frozen import FrozenSource, load_frozen
+    from batchssl.eval.linear_augmented import AugmentedProbeSettings, train_augmented_probe
+    from batchssl.eval.linear_cached import CachedProbeSettings, train_cached_probes, train_val_split
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True)
@@ -41,7 +42,7 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, default=1)
     args = parser.parse_args()
 
-    frozen = load_frozen(argparse.Namespace(run=args.run, backbone=None, overrides=args.set, precision="auto"))
+    frozen = load_frozen(FrozenSource(run=args.run, overrides=args.set))
     train, val = eval_datasets(frozen.cfg.data)
     test_set = Transformed(val, eval_transform(frozen.info))
     print(f"run {args.run}: {frozen.cfg.model.arch} width {frozen.cfg.model.width}, train {len(train)}, "
@@ -54,16 +55,17 @@ def main() -> None:
     features_s = time.perf_counter() - start
     fit, held = train_val_split(train_y, 0.1, 0)
     cached = train_cached_probes(train_x[fit], train_y[fit], train_x[held], train_y[held], test_x, test_y,
-                                 frozen.info.num_classes, epochs=args.cached_epochs)
+                                 frozen.info.num_classes, CachedProbeSettings(epochs=args.cached_epochs))
     cached_s = time.perf_counter() - start
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as ckpt:
         augmented = train_augmented_probe(
             frozen.backbone, Transformed(train, probe_train_transform(frozen.info, args.crop)), test_set,
-            frozen.info.num_classes, frozen.feature_dim, epochs=args.epochs, batch_size=args.batch_size,
-            base_lr=args.base_lr, num_workers=args.num_workers, checkpoint_dir=ckpt,
-            standardize=not args.raw_features)
+            frozen.info.num_classes, frozen.feature_dim,
+            AugmentedProbeSettings(epochs=args.epochs, batch_size=args.batch_size, base_lr=args.base_lr,
+                                   standardize=not args.raw_features),
+            num_workers=args.num_workers, checkpoint_dir=ckpt)
     augmented_s = time.perf_counter() - start
 
     print(f"{'probe':<34} {'seconds':>9} {'top-1':>7}")

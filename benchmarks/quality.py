@@ -80,8 +80,8 @@ def floors(recipe: str, seeds: list[int], overrides: list[str]) -> dict:
     from batchssl.backbones import build_backbone
     from batchssl.config import load_config
     from batchssl.data import Transformed, dataset_info, eval_datasets
-    from batchssl.features import extract_features
-    from knn_eval.knn import knn_classify
+    from batchssl.eval.features import extract_features
+    from batchssl.eval.knn import knn_classify
 
     cfg = load_config(REPO / "recipes" / "fashion_mnist" / f"{recipe}.yaml", overrides)
     info = dataset_info(cfg.data)

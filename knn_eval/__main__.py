@@ -13,7 +13,7 @@ from batchssl.errors import exit_on_user_error
 
 
 def main(argv=None) -> None:
-    from batchssl.frozen import add_source_arguments
+    from batchssl.cli import add_source_arguments
 
     parser = argparse.ArgumentParser(prog="python -m knn_eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -27,34 +27,40 @@ def main(argv=None) -> None:
 
 
 def run(args) -> dict:
-    from batchssl.augment import eval_transform
-    from batchssl.data import Transformed, eval_datasets
-    from batchssl.features import extract_features
-    from batchssl.frozen import load_frozen, write_json
-    from knn_eval.knn import knn_classify
+    from batchssl.cli import source_from_args, write_json
+    from batchssl.data import pretrain_class_counts
+    from batchssl.eval.frozen import load_frozen, resolve
+    from batchssl.eval.knn import KnnSettings, knn_evaluate_predictions, split_features
+    from batchssl.eval.per_class import per_class_report
 
-    frozen = load_frozen(args)
-    accelerator, dtype = frozen.accelerator, frozen.dtype
-    bank, val = eval_datasets(frozen.cfg.data)
-    transform = eval_transform(frozen.info)
+    source = source_from_args(args)
+    cfg, _, _ = resolve(source)  # bad input stops here, before the backbone and the data are loaded
+    settings = KnnSettings(ks=tuple(args.k), temperature=args.temperature, batch_size=args.batch_size,
+                           num_workers=cfg.data.num_workers)
+    settings.check()
+    frozen = load_frozen(source)
     start = time.perf_counter()
-    kwargs = dict(batch_size=args.batch_size, num_workers=frozen.cfg.data.num_workers, accelerator=accelerator,
-                  dtype=dtype, progress=True)
-    bank_x, bank_y = extract_features(frozen.backbone, Transformed(bank, transform), desc="bank", **kwargs)
-    val_x, val_y = extract_features(frozen.backbone, Transformed(val, transform), desc="queries", **kwargs)
-    if not accelerator.is_main_process:
+    features = split_features(frozen.backbone, *frozen.eval_splits(), settings, frozen.accelerator, frozen.dtype,
+                              progress=True)
+    if not frozen.accelerator.is_main_process:
         return {}
-    scores = knn_classify(bank_x, bank_y, val_x, val_y, ks=args.k, temperature=args.temperature,
-                          num_classes=frozen.info.num_classes)
-    record = {"dataset": frozen.cfg.data.name, "arch": frozen.cfg.model.arch, "bank": len(bank_y),
-              "queries": len(val_y), "temperature": args.temperature, "seconds": time.perf_counter() - start,
-              "results": {str(k): v for k, v in scores.items()}}
+    # One search: top-1/top-5 as knn_evaluate, plus the predictions for the per-class / per-frequency report
+    # (many / medium / few: thirds of the classes by how many images of them pretraining saw).
+    scores, predictions = knn_evaluate_predictions(features, settings, frozen.info.num_classes)
+    class_counts = pretrain_class_counts(frozen.cfg.data)
+    for k, v in scores.items():
+        v.update(per_class_report(predictions[k], features.query_labels, frozen.info.num_classes, class_counts))
+    record = {"dataset": frozen.cfg.data.name, "arch": frozen.cfg.model.arch, "bank": len(features.bank_labels),
+              "queries": len(features.query_labels), "temperature": args.temperature,
+              "seconds": time.perf_counter() - start, "results": {str(k): v for k, v in scores.items()},
+              "pretrain_class_counts": class_counts}
     write_json(frozen.out_dir / "knn.json", record)
     print(f"kNN ({record['dataset']}, {record['arch']}): bank {record['bank']}, queries {record['queries']}, "
           f"T = {args.temperature}")
-    print(f"{'k':>6} {'top-1':>7} {'top-5':>7}")
+    print(f"{'k':>6} {'top-1':>7} {'top-5':>7} {'many':>7} {'medium':>7} {'few':>7} {'cls std':>7}")
     for k, v in scores.items():
-        print(f"{k:>6} {v['top1']:>7.2f} {v['top5']:>7.2f}")
+        groups = " ".join(f"{v[g]:>7.2f}" if v.get(g) is not None else f"{'-':>7}" for g in ("many", "medium", "few"))
+        print(f"{k:>6} {v['top1']:>7.2f} {v['top5']:>7.2f} {groups} {v['class_std']:>7.2f}")
     print(f"written {frozen.out_dir / 'knn.json'} ({record['seconds']:.1f} s)")
     return record
 

@@ -20,7 +20,7 @@ from batchssl.errors import exit_on_user_error
 
 def main(argv=None) -> None:
     from batchssl.augment import PROBE_CROPS
-    from batchssl.frozen import add_source_arguments
+    from batchssl.cli import add_source_arguments
 
     parser = argparse.ArgumentParser(prog="python -m linear_probe", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,41 +45,54 @@ def main(argv=None) -> None:
 
 
 def run(args) -> dict:
-    from batchssl.augment import eval_transform, probe_train_transform
-    from batchssl.data import Transformed, eval_datasets
-    from batchssl.features import extract_features
-    from batchssl.frozen import load_frozen, write_json
-    from linear_probe.probe import train_augmented_probe, train_cached_probes, train_val_split
+    from batchssl.augment import probe_train_transform
+    from batchssl.cli import source_from_args, write_json
+    from batchssl.data import Transformed, eval_datasets, pretrain_class_counts
+    from batchssl.eval.features import extract_features
+    from batchssl.eval.frozen import load_frozen, resolve
+    from batchssl.eval.linear_augmented import AugmentedProbeSettings, train_augmented_probe
+    from batchssl.eval.linear_cached import CachedProbeSettings, train_cached_probes, train_val_split
+    from batchssl.eval.per_class import per_class_report
 
-    frozen = load_frozen(args)
+    source = source_from_args(args)
+    resolve(source)  # bad input stops here, before the backbone and the data are loaded
+    if args.mode == "cached":
+        settings = CachedProbeSettings(lrs=tuple(args.lrs), epochs=args.epochs or 100,
+                                       batch_size=args.batch_size or 1024, val_fraction=args.val_fraction,
+                                       seed=args.seed)
+    else:
+        settings = AugmentedProbeSettings(epochs=args.epochs or 90, batch_size=args.batch_size or 256,
+                                          base_lr=args.base_lr, optimizer=args.optimizer, seed=args.seed,
+                                          standardize=not args.raw_features)
+    frozen = load_frozen(source)
     accelerator, dtype = frozen.accelerator, frozen.dtype
-    train, val = eval_datasets(frozen.cfg.data)
-    test_set = Transformed(val, eval_transform(frozen.info))
+    train_set, test_set = frozen.eval_splits()
     workers = frozen.cfg.data.num_workers
     start = time.perf_counter()
     if args.mode == "cached":
         kwargs = dict(batch_size=512, num_workers=workers, accelerator=accelerator, dtype=dtype, progress=True)
-        train_x, train_y = extract_features(frozen.backbone, Transformed(train, eval_transform(frozen.info)),
-                                            desc="train features", **kwargs)
+        train_x, train_y = extract_features(frozen.backbone, train_set, desc="train features", **kwargs)
         test_x, test_y = extract_features(frozen.backbone, test_set, desc="test features", **kwargs)
         if not accelerator.is_main_process:
             return {}
-        fit, held = train_val_split(train_y, args.val_fraction, args.seed)
+        fit, held = train_val_split(train_y, settings.val_fraction, settings.seed)
         result = train_cached_probes(train_x[fit], train_y[fit], train_x[held], train_y[held], test_x, test_y,
-                                     frozen.info.num_classes, lrs=args.lrs, epochs=args.epochs or 100,
-                                     batch_size=args.batch_size or 1024, seed=args.seed,
-                                     device=accelerator.device, progress=True)
+                                     frozen.info.num_classes, settings, device=accelerator.device, progress=True,
+                                     return_predictions=True)
+        result["test_labels"] = test_y
     else:
+        augmented = Transformed(eval_datasets(frozen.cfg.data)[0], probe_train_transform(frozen.info, args.crop))
         result = train_augmented_probe(
-            frozen.backbone, Transformed(train, probe_train_transform(frozen.info, args.crop)), test_set,
-            frozen.info.num_classes, frozen.feature_dim, epochs=args.epochs or 90,
-            batch_size=args.batch_size or 256, base_lr=args.base_lr, optimizer=args.optimizer,
-            num_workers=workers, accelerator=accelerator, checkpoint_dir=frozen.out_dir / "linear_probe_ckpt",
-            dtype=dtype, seed=args.seed, standardize=not args.raw_features, progress=True)
+            frozen.backbone, augmented, test_set, frozen.info.num_classes, frozen.feature_dim, settings,
+            accelerator=accelerator, checkpoint_dir=frozen.out_dir / "linear_probe_ckpt", dtype=dtype,
+            num_workers=workers, progress=True, return_predictions=True)
         if not accelerator.is_main_process:
             return {}
     if args.mode == "cached":  # the same keys for both modes: top1/top5 on the validation split
         result["top1"], result["top5"] = result.pop("test_top1"), result.pop("test_top5")
+    # Per-class accuracy, its std, and the many / medium / few means (thirds of the classes by pretraining count).
+    result.update(per_class_report(result.pop("test_predictions"), result.pop("test_labels"),
+                                   frozen.info.num_classes, pretrain_class_counts(frozen.cfg.data)))
     result["seconds"] = time.perf_counter() - start
     path = frozen.out_dir / "linear_probe.json"
     record = json.loads(path.read_text()) if path.is_file() else {}
@@ -87,8 +100,10 @@ def run(args) -> dict:
     write_json(path, record)
     chosen = f", lr {result['lr']:g} chosen on held-out train (val top-1 {result['val_top1']:.2f})" \
         if args.mode == "cached" else f", lr {result['lr']:g}"
+    groups = ", ".join(f"{g} {result[g]:.2f}" for g in ("many", "medium", "few") if result.get(g) is not None)
     print(f"linear probe ({args.mode}): top-1 {result['top1']:.2f}"
           f"{chosen}; {result['seconds']:.1f} s")
+    print(f"  per class: {groups + ', ' if groups else ''}class std {result['class_std']:.2f}")
     print(f"written {path}")
     return record
 

@@ -93,3 +93,26 @@ def test_exported_backbone_has_no_batchformer(tmp_path):
     from safetensors.torch import load_file
     keys = load_file(str(tmp_path / "backbone.safetensors")).keys()
     assert not any("batchformer" in k or "self_attn" in k or "projector" in k for k in keys)
+
+
+def test_two_stream_loss_pulls_both_streams_to_the_original_targets():
+    from batchssl.batchformer import two_stream_loss
+
+    calls = []
+
+    def pairwise(a1, a2, t1, t2):
+        calls.append((a1.clone(), a2.clone(), t1, t2))
+        return (a1 - t2).square().sum() + (a2 - t1).square().sum()
+
+    n = 3
+    p1, p2 = torch.arange(12.0).view(6, 2), -torch.arange(12.0).view(6, 2)
+    t1, t2 = torch.ones(n, 2), torch.zeros(n, 2)
+    out = two_stream_loss(pairwise, (p1, p2), (t1, t2), weight=0.5)
+    assert len(calls) == 2
+    assert torch.equal(calls[0][0], p1[:n]) and torch.equal(calls[1][0], p1[n:])  # original rows, then BF rows
+    assert all(c[2] is t1 and c[3] is t2 for c in calls)  # both streams against the same original targets
+    main, bf = pairwise(p1[:n], p2[:n], t1, t2), pairwise(p1[n:], p2[n:], t1, t2)
+    assert out["loss"].item() == main.item() + 0.5 * bf.item()
+    assert out["loss_main"].item() == main.item() and out["loss_bf"].item() == bf.item()
+    without = two_stream_loss(pairwise, (p1[:n], p2[:n]), (t1, t2), weight=0.5)  # no BatchFormer: one stream
+    assert set(without) == {"loss", "loss_main"} and without["loss"].item() == main.item()

@@ -38,6 +38,17 @@ def test_quick_run_keys_and_override_types():
     (["train=3"], ["'train' expects a mapping"]),
     (["train.epochs"], ["dotted.key=value"]),
     (["train.epochs=0"], ["train.epochs must be >= 1"]),
+    (["optim.base_lr=.nan"], ["optim.base_lr must be a positive number"]),
+    (["optim.base_lr=.inf"], ["optim.base_lr must be a positive number"]),
+    (["optim.base_lr=-0.1"], ["optim.base_lr must be a positive number"]),
+    (["monitor.k=0"], ["monitor.k must be >= 1"]),
+    (["monitor.temperature=0"], ["monitor.temperature must be > 0"]),
+    (["data.num_workers=-3"], ["data.num_workers must be >= 0"]),
+    (["augment.min_scale=2"], ["augment.min_scale must be in (0, 1]"]),
+    (["data.image_size=0"], ["data.image_size must be >= 8"]),
+    (["data.imbalance_ratio=0.5"], ["data.imbalance_ratio must be >= 1"]),
+    (["output_dir="], ["'output_dir' expects str, got None"]),
+    (["output_dir=''"], ["output_dir must name a directory"]),
 ])
 def test_bad_overrides_name_the_key(override, words):
     with pytest.raises(UserError) as err:
@@ -53,6 +64,17 @@ def test_bad_recipe_file(tmp_path):
     bad.write_text("model:\n  arch: resnet18\n  depth: 3\n")
     with pytest.raises(UserError, match="unknown config key 'model.depth'"):
         load_config(bad)
+
+
+def test_empty_recipe_and_yaml_errors_say_where(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing yet\n")
+    with pytest.raises(UserError, match="is empty"):
+        load_config(empty)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train:\n  epochs: 3\n batch_size: 4\n")
+    with pytest.raises(UserError, match=r"not valid YAML \(line 3, column 2\)"):
+        load_config(broken)
 
 
 def test_resolved_config_round_trips(tmp_path):

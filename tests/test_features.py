@@ -1,4 +1,4 @@
-"""batchssl.features.extract_features: one process against a direct forward, modes, autocast, two processes."""
+"""batchssl.eval.features.extract_features: one process against a direct forward, modes, autocast, two processes."""
 
 import importlib.util
 from pathlib import Path
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from batchssl.features import extract_features
+from batchssl.eval.features import extract_features
 from conftest import run_torchrun
 
 HELPER = Path(__file__).parent / "helpers" / "extract_2proc.py"

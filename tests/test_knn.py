@@ -1,4 +1,4 @@
-"""knn_eval.knn against a brute-force NumPy kNN, and on small cases whose answer is worked out by hand."""
+"""batchssl.eval.knn against a brute-force NumPy kNN, and on small cases whose answer is worked out by hand."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from knn_eval.knn import knn_classify, knn_predict_scores
+from batchssl.eval.knn import knn_classify, knn_predict_scores
 
 
 def reference_scores(bank, bank_labels, queries, k, temperature, num_classes):

@@ -1,4 +1,4 @@
-"""linear_probe.probe: the cached grid, the augmented protocol, its frozen-backbone check, resume, two processes."""
+"""batchssl.eval.linear_cached / linear_augmented: the cached grid, the augmented protocol, its frozen-backbone check, resume, two processes."""
 
 import importlib.util
 from pathlib import Path
@@ -9,17 +9,16 @@ from torch import nn
 
 from batchssl.errors import UserError
 from conftest import run_torchrun
-from linear_probe.probe import (
+from batchssl.eval.linear_augmented import (
     CHECKPOINT_NAME,
-    LARS,
+    AugmentedProbeSettings,
     BackboneChangedError,
     check_backbone_unchanged,
     state_fingerprint,
-    topk_accuracy,
     train_augmented_probe,
-    train_cached_probes,
-    train_val_split,
 )
+from batchssl.eval.linear_cached import CachedProbeSettings, topk_accuracy, train_cached_probes, train_val_split
+from batchssl.optim import LARS
 
 HELPER = Path(__file__).parent / "helpers" / "probe_2proc.py"
 _spec = importlib.util.spec_from_file_location("probe_2proc", HELPER)
@@ -53,7 +52,7 @@ def test_cached_probes_separate_blobs_and_skip_diverged_heads():
     tx, ty = blobs(500, seed=1)
     train, val = train_val_split(y, 0.2)
     result = train_cached_probes(x[train], y[train], x[val], y[val], tx, ty, num_classes=5,
-                                 lrs=(float("inf"), 0.01, 0.1), epochs=10, batch_size=128)
+                                 settings=CachedProbeSettings(lrs=(float("inf"), 0.01, 0.1), epochs=10, batch_size=128))
     assert result["test_top1"] >= 99.0 and result["test_top5"] == 100.0
     assert result["grid"][0]["val_top1"] == -1.0  # the inf-lr head diverged and is marked, never chosen
     assert result["lr"] in (0.01, 0.1)
@@ -64,8 +63,8 @@ def test_cached_probes_choose_on_val_never_on_test():
     x, y = blobs(1200, spread=3.0)
     tx, ty = blobs(400, seed=1, spread=3.0)
     train, val = train_val_split(y, 0.25)
-    common = dict(num_classes=5, lrs=(1e-4, 1e-3, 1e-2, 1e-1, 1.0), weight_decays=(0.0, 1e-2), epochs=5,
-                  batch_size=64)
+    common = dict(num_classes=5, settings=CachedProbeSettings(lrs=(1e-4, 1e-3, 1e-2, 1e-1, 1.0),
+                                                              weight_decays=(0.0, 1e-2), epochs=5, batch_size=64))
     result = train_cached_probes(x[train], y[train], x[val], y[val], tx, ty, **common)
     grid_val = [g["val_top1"] for g in result["grid"]]
     assert len(grid_val) == 10 and len(set(grid_val)) > 1
@@ -82,7 +81,7 @@ def test_lars_step_by_hand():
     weight = nn.Parameter(torch.tensor([[3.0, 4.0]]))  # norm 5
     bias = nn.Parameter(torch.tensor([1.0]))
     weight.grad, bias.grad = torch.tensor([[0.6, 0.8]]), torch.tensor([0.5])  # gradient norm 1
-    LARS([weight, bias], lr=1.0, trust_coefficient=0.001).step()
+    LARS([weight, bias], lr=1.0, momentum=0.0, trust_coefficient=0.001, trust_without_decay=True).step()
     # weight: update scaled by 0.001 * 5 / 1 (even with weight decay 0); bias: 1-D, plain SGD.
     torch.testing.assert_close(weight.data, torch.tensor([[3.0 - 0.003, 4.0 - 0.004]]))
     torch.testing.assert_close(bias.data, torch.tensor([0.5]))
@@ -92,7 +91,7 @@ def test_augmented_probe_runs_and_leaves_backbone_as_it_was():
     backbone, train_set, test_set = helper.build()
     backbone.train()
     before = state_fingerprint(backbone)
-    result = train_augmented_probe(backbone, train_set, test_set, **helper.PROBE)
+    result = train_augmented_probe(backbone, train_set, test_set, settings=helper.settings(), **helper.PROBE)
     assert set(result) == {"top1", "top5", "lr", "epochs", "train_loss"}
     assert result["lr"] == 16.0 * 16 / 256 and result["epochs"] == 2
     assert 0 <= result["top1"] <= result["top5"] == 100.0  # 4 classes: top-5 is top-4
@@ -103,7 +102,7 @@ def test_augmented_probe_runs_and_leaves_backbone_as_it_was():
 
 def test_augmented_probe_standardises_with_training_feature_statistics(tmp_path):
     backbone, train_set, test_set = helper.build()
-    train_augmented_probe(backbone, train_set, test_set, checkpoint_dir=tmp_path, **{**helper.PROBE, "epochs": 1})
+    train_augmented_probe(backbone, train_set, test_set, checkpoint_dir=tmp_path, settings=helper.settings(epochs=1), **helper.PROBE)
     state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
     backbone.eval()  # 64 training images: all of them fix the statistics, through the backbone in eval mode
     with torch.no_grad():
@@ -111,8 +110,7 @@ def test_augmented_probe_standardises_with_training_feature_statistics(tmp_path)
     torch.testing.assert_close(state["feature_mean"], feats.mean(0))
     torch.testing.assert_close(state["feature_inv_std"], torch.rsqrt(feats.var(0, unbiased=False) + 1e-6))
 
-    train_augmented_probe(backbone, train_set, test_set, checkpoint_dir=tmp_path / "raw", standardize=False,
-                          **{**helper.PROBE, "epochs": 1})
+    train_augmented_probe(backbone, train_set, test_set, checkpoint_dir=tmp_path / "raw", settings=helper.settings(epochs=1, standardize=False), **helper.PROBE)
     raw = torch.load(tmp_path / "raw" / CHECKPOINT_NAME, weights_only=True)
     assert torch.equal(raw["feature_mean"], torch.zeros(helper.FEATURE_DIM))
     assert torch.equal(raw["feature_inv_std"], torch.ones(helper.FEATURE_DIM))
@@ -120,8 +118,7 @@ def test_augmented_probe_standardises_with_training_feature_statistics(tmp_path)
 
 def test_lars_probe_runs():
     backbone, train_set, test_set = helper.build()
-    result = train_augmented_probe(backbone, train_set, test_set, **{**helper.PROBE, "epochs": 1},
-                                   optimizer="lars")
+    result = train_augmented_probe(backbone, train_set, test_set, settings=helper.settings(epochs=1, optimizer="lars"), **helper.PROBE)
     assert 0 <= result["top1"] <= 100
 
 
@@ -134,7 +131,7 @@ def test_backbone_changed_during_probe_raises():
 
     backbone[0].register_forward_hook(leak)
     with pytest.raises(BackboneChangedError, match=r"0\.weight"):
-        train_augmented_probe(backbone, train_set, test_set, **{**helper.PROBE, "epochs": 1})
+        train_augmented_probe(backbone, train_set, test_set, settings=helper.settings(epochs=1), **helper.PROBE)
 
 
 def test_check_backbone_unchanged_sees_buffers():
@@ -152,7 +149,7 @@ class Interrupt(Exception):
 
 def test_resume_from_epoch_checkpoint_equals_uninterrupted_run(tmp_path):
     backbone, train_set, test_set = helper.build()
-    straight = train_augmented_probe(backbone, train_set, test_set, checkpoint_dir=tmp_path / "a", **helper.PROBE)
+    straight = train_augmented_probe(backbone, train_set, test_set, checkpoint_dir=tmp_path / "a", settings=helper.settings(), **helper.PROBE)
 
     # Second run: killed in its second epoch (the first epoch's checkpoint is on disk), then resumed.
     forwards = 0
@@ -165,10 +162,10 @@ def test_resume_from_epoch_checkpoint_equals_uninterrupted_run(tmp_path):
 
     handle = backbone.register_forward_hook(interrupt)
     with pytest.raises(Interrupt):
-        train_augmented_probe(backbone, train_set, test_set, checkpoint_dir=tmp_path / "b", **helper.PROBE)
+        train_augmented_probe(backbone, train_set, test_set, checkpoint_dir=tmp_path / "b", settings=helper.settings(), **helper.PROBE)
     handle.remove()
     assert torch.load(tmp_path / "b" / CHECKPOINT_NAME, weights_only=True)["epoch"] == 1
-    resumed = train_augmented_probe(backbone, train_set, test_set, checkpoint_dir=tmp_path / "b", **helper.PROBE)
+    resumed = train_augmented_probe(backbone, train_set, test_set, checkpoint_dir=tmp_path / "b", settings=helper.settings(), **helper.PROBE)
 
     a = torch.load(tmp_path / "a" / CHECKPOINT_NAME, weights_only=True)
     b = torch.load(tmp_path / "b" / CHECKPOINT_NAME, weights_only=True)
@@ -180,11 +177,11 @@ def test_resume_from_epoch_checkpoint_equals_uninterrupted_run(tmp_path):
 
     with pytest.raises(UserError, match="base_lr"):  # other settings: refuse rather than mix two runs
         train_augmented_probe(backbone, train_set, test_set, checkpoint_dir=tmp_path / "b",
-                              **{**helper.PROBE, "base_lr": 0.1})
+                              settings=helper.settings(base_lr=0.1), **helper.PROBE)
     with torch.no_grad():
         backbone[0].bias.add_(1.0)
     with pytest.raises(UserError, match="another backbone"):
-        train_augmented_probe(backbone, train_set, test_set, checkpoint_dir=tmp_path / "b", **helper.PROBE)
+        train_augmented_probe(backbone, train_set, test_set, checkpoint_dir=tmp_path / "b", settings=helper.settings(), **helper.PROBE)
 
 
 def test_two_processes_match_one(tmp_path):
@@ -196,7 +193,7 @@ def test_two_processes_match_one(tmp_path):
     # Each process takes half of every global batch and DDP averages the gradients: the same steps as one
     # process with the whole batch, up to float summation order.
     backbone, train_set, test_set = helper.build()
-    one = train_augmented_probe(backbone, train_set, test_set, checkpoint_dir=tmp_path / "one", **helper.PROBE)
+    one = train_augmented_probe(backbone, train_set, test_set, checkpoint_dir=tmp_path / "one", settings=helper.settings(), **helper.PROBE)
     one_head = torch.load(tmp_path / "one" / CHECKPOINT_NAME, weights_only=True)["head"]
     for name in one_head:
         torch.testing.assert_close(two_head[name], one_head[name], rtol=1e-4, atol=1e-6)

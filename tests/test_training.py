@@ -105,7 +105,7 @@ def test_broken_checkpoint_is_one_line(tmp_path):
     run_pretrain(args)
     (tmp_path / "checkpoints" / "epoch_0001" / "model.safetensors").write_bytes(b"not a safetensors file")
     line = _one_line_error(run_pretrain([*args, "train.epochs=2"], check=False))
-    assert "cannot be loaded" in line
+    assert "is damaged" in line and "start afresh in another output_dir" in line
 
 
 def test_half_written_checkpoint_is_ignored(tmp_path):

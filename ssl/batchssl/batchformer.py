@@ -11,6 +11,7 @@ Training only: `two_streams` returns the inputs untouched in eval mode, and the 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -70,3 +71,25 @@ def two_streams(batchformer: BatchFormer | None, views: list[Tensor]) -> list[Te
     if batchformer is None or not batchformer.training:
         return views
     return [torch.cat([v, b]) for v, b in zip(views, batchformer(views))]
+
+
+PairwiseLoss = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+
+
+def two_stream_loss(pairwise: PairwiseLoss, online: tuple[Tensor, Tensor], targets: tuple[Tensor, Tensor],
+                    weight: float) -> dict[str, Tensor]:
+    """A method's symmetric loss `pairwise(online_1, online_2, target_1, target_2)` over both streams.
+
+    `online` are the two views' predictor outputs as `two_streams` laid them out (n rows, or 2n with BatchFormer:
+    [:n] original, [n:] BatchFormer); `targets` are the n original targets of each view (SimSiam's stop-gradient
+    projections, MoCo v3's momentum keys): both streams are pulled towards the same targets.
+    Returns {"loss": main + weight * bf, "loss_main", and "loss_bf" when the BatchFormer stream is there}.
+    """
+    n = targets[0].shape[0]
+    main = pairwise(online[0][:n], online[1][:n], *targets)
+    out = {"loss": main, "loss_main": main.detach()}
+    if online[0].shape[0] > n:
+        bf = pairwise(online[0][n:], online[1][n:], *targets)
+        out["loss"] = main + weight * bf
+        out["loss_bf"] = bf.detach()
+    return out

@@ -7,6 +7,7 @@ hold trainer_state.json count, so a half-written checkpoint is never loaded and 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 import os
 import re
 import shutil
@@ -19,6 +20,7 @@ from torch import nn
 
 from batchssl.config import Config
 from batchssl.errors import UserError
+from batchssl.files import atomic_write, temp_path
 
 STATE_FILE = "trainer_state.json"
 BACKBONE_FILE = "backbone.safetensors"
@@ -56,11 +58,13 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(accelerator, output_dir: str | Path, state: dict, keep_last: int) -> Path:
-    """Collective: every process calls it. Returns the final directory."""
+def save_checkpoint(accelerator, output_dir: str | Path, state: dict, keep_last: int,
+                    before_rename: Callable[[], None] | None = None) -> Path:
+    """Collective: every process calls it. Returns the final directory. `before_rename` (tests) runs on the
+    main process when everything but the rename is written."""
     root = checkpoint_dir(output_dir)
     final = root / f"epoch_{state['epoch']:04d}"
-    tmp = root / f".tmp-{final.name}"
+    tmp = temp_path(final)
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -68,7 +72,9 @@ def save_checkpoint(accelerator, output_dir: str | Path, state: dict, keep_last:
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+        atomic_write(tmp / STATE_FILE, json.dumps(state, indent=1))
+        if before_rename is not None:
+            before_rename()
         if final.exists():  # an earlier run's checkpoint of the same epoch (e.g. resume=<older checkpoint>)
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -95,19 +101,20 @@ def load_checkpoint(accelerator, path: Path, cfg: Config) -> dict:
                         "output_dir or checkpoint.resume=none with a fresh output_dir")
     try:
         accelerator.load_state(str(path))
-    except (RuntimeError, SafetensorError, OSError, KeyError, ValueError) as err:
+    except (RuntimeError, SafetensorError, OSError, KeyError, ValueError, EOFError) as err:
+        # The signature matched, so the model fits: the files themselves are damaged.
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"checkpoint {path} cannot be loaded into this model: {first}") from None
+        older = [p for p in complete_checkpoints(path.parent) if p != path]
+        way_out = (f"resume from the previous one with checkpoint.resume={older[-1]}" if older
+                   else "no older checkpoint is left: start afresh in another output_dir")
+        raise UserError(f"checkpoint {path} is damaged ({first[:200]}); {way_out}") from None
     return state
 
 
 def export_backbone(backbone: nn.Module, path: str | Path) -> None:
     """Frozen-backbone weights (no heads, no BatchFormer), written atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}")
     tensors = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
 
 
 def load_backbone_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -142,3 +149,120 @@ def load_backbone(backbone: nn.Module, path: str | Path) -> nn.Module:
         detail = " ".join(str(err).split())[:300]
         raise UserError(f"weights in {path} do not match the architecture: {detail}") from None
     return backbone
+
+
+LOCK_FILE = ".lock"
+
+
+class RunLock:
+    """One writer per run directory: an exclusive `fcntl.flock` on <run>/.lock, held while the process lives.
+
+    The kernel drops the lock when its holder dies (kill -9 included), so a stale lock never blocks; the file
+    only carries the holder's pid and host for the message a second writer gets.
+    """
+
+    def __init__(self, run_dir: str | Path, purpose: str):
+        self.run_dir, self.purpose, self._file = Path(run_dir), purpose, None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+        import socket
+
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"cannot create the run directory {self.run_dir}: {err.strerror or err}") from None
+        path = self.run_dir / LOCK_FILE
+        try:
+            handle = open(path, "a+")
+        except OSError as err:
+            raise UserError(f"cannot write in the run directory {self.run_dir}: {err.strerror or err}") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise UserError(f"{self.run_dir} is in use by {holder}: wait for it to finish or use another "
+                            "output_dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{self.purpose} (pid {os.getpid()} on {socket.gethostname()})\n")
+        handle.flush()
+        os.chmod(path, 0o644)
+        self._file = handle
+        return self
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing drops the flock
+            self._file = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+CONFIG_FILE = "config.yaml"
+CONFIG_HISTORY = "config_history.jsonl"
+# Settings that change neither the model nor the training trajectory: free to change on resume.
+FREE_TO_CHANGE = {
+    "output_dir", "data.root", "data.download", "data.num_workers", "data.val_limit",
+    "checkpoint.every_n_epochs", "checkpoint.keep_last", "checkpoint.resume", "checkpoint.allow_changes",
+    "train.log_every_n_steps", "train.log_with",
+}
+FREE_SECTIONS = ("monitor.",)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(cfg: Config, previous: dict) -> list[str]:
+    """'key: old -> new' for every setting that differs from `previous` and may change the model or trajectory."""
+    from batchssl.config import to_dict
+
+    ours, theirs = _flat(to_dict(cfg)), _flat(previous)
+    return [f"{k}: {theirs.get(k)!r} -> {ours.get(k)!r}" for k in sorted(ours.keys() | theirs.keys())
+            if ours.get(k) != theirs.get(k) and k not in FREE_TO_CHANGE and not k.startswith(FREE_SECTIONS)]
+
+
+def check_config_change(cfg: Config, output_dir: str | Path, resume_from: Path | None) -> None:
+    """Refuse to resume with settings that alter the model or the trajectory, unless checkpoint.allow_changes."""
+    import yaml
+
+    path = Path(output_dir) / CONFIG_FILE
+    if resume_from is None or not path.is_file() or cfg.checkpoint.allow_changes:
+        return
+    previous = yaml.safe_load(path.read_text()) or {}
+    changes = config_changes(cfg, previous)
+    if changes:
+        shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
+        raise UserError(f"{output_dir} was trained with other settings ({shown}): resuming would mix two runs. "
+                        "Use another output_dir, or add checkpoint.allow_changes=true to continue with the new ones")
+
+
+def record_config(cfg: Config, output_dir: str | Path, resume_from: Path | None) -> None:
+    """config.yaml is the config that runs now; config_history.jsonl keeps every config that ran, with when and
+    from which checkpoint, so the directory always tells the truth about its checkpoints."""
+    import datetime
+
+    import yaml
+
+    from batchssl.config import to_dict
+
+    out = Path(output_dir)
+    tree = to_dict(cfg)
+    atomic_write(out / CONFIG_FILE, yaml.safe_dump(tree, sort_keys=False))
+    entry = {"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+             "resumed_from": str(resume_from) if resume_from else None, "config": tree}
+    with (out / CONFIG_HISTORY).open("a") as f:
+        f.write(json.dumps(entry) + "\n")

@@ -18,7 +18,8 @@ import yaml
 
 from batchssl.errors import UserError
 
-DEFAULT_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "fashion_mnist" / "mocov3_bf.yaml"
+# The README's default run, relative to the working directory (pretrain.py passes it relative to itself).
+DEFAULT_RECIPE = Path("recipes") / "fashion_mnist" / "mocov3_bf.yaml"
 
 
 @dataclass
@@ -30,8 +31,14 @@ class DataConfig:
     val_limit: Optional[int] = None  # use only the first N validation images
     # Hold out the last N training images as the validation split (for tuning without touching the test split).
     holdout: int = 0
-    num_workers: int = 2
+    num_workers: int = 2  # loader workers (data.pipeline workers, and feature extraction for the monitor)
+    # Where the two views are made: device = batched on the training device from a uint8 copy of the split
+    # (in-memory datasets); workers = lightly's per-sample transforms in loader workers; auto = device when possible.
+    pipeline: Literal["auto", "device", "workers"] = "auto"
     image_size: Optional[int] = None  # None: the dataset's natural size (28, 32, 96, 224)
+    # Long-tailed pretraining split: class c of C keeps its first round(n_max * ratio^(-c / (C - 1))) images
+    # (the CIFAR-10-LT convention). 1: balanced. Evaluation splits stay balanced.
+    imbalance_ratio: float = 1.0
 
 
 @dataclass
@@ -97,6 +104,9 @@ class TrainConfig:
     log_every_n_steps: int = 10
     log_with: Optional[Literal["tensorboard", "wandb"]] = None
     max_grad_norm: Optional[float] = None
+    channels_last: bool = True  # ResNets and their inputs in channels_last memory format
+    # torch.compile: none, the backbone (Module.compile, parameter names unchanged), or the whole method's forward
+    compile: Literal["none", "backbone", "model"] = "none"
 
 
 @dataclass
@@ -104,6 +114,9 @@ class CheckpointConfig:
     every_n_epochs: int = 10
     keep_last: int = 2
     resume: str = "auto"  # auto (newest complete checkpoint in output_dir), none, or a checkpoint directory
+    # Resuming with settings that change the model or the training trajectory is refused unless this is true;
+    # every config that ran stays in config_history.jsonl either way.
+    allow_changes: bool = False
 
 
 @dataclass
@@ -218,9 +231,15 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UserError(f"config file {path} is not valid YAML{where}: {problem}") from None
+    if tree is None:
+        raise UserError(f"config file {path} is empty: a recipe names at least its method and data "
+                        f"(start from {DEFAULT_RECIPE})")
     if not isinstance(tree, dict):
         raise UserError(f"config file {path} must hold a mapping at the top level")
     return tree
@@ -248,27 +267,56 @@ def build_config(tree: dict) -> Config:
 
 
 def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Recipe YAML (default: the Fashion-MNIST SimSiam+BatchFormer recipe) plus `dotted.key=value` overrides."""
+    """Recipe YAML (default: DEFAULT_RECIPE, Fashion-MNIST MoCo v3 + BatchFormer) plus `dotted.key=value`
+    overrides."""
     return build_config(apply_overrides(read_yaml(recipe or DEFAULT_RECIPE), overrides))
 
 
+def _finite(x: float) -> bool:
+    return x == x and x not in (float("inf"), float("-inf"))
+
+
 def validate(cfg: Config) -> None:
-    """Cross-field checks that a type alone cannot express."""
+    """Cross-field and range checks that a type alone cannot express; the first failure raises UserError."""
+    d, a, o, t, m = cfg.data, cfg.augment, cfg.optim, cfg.train, cfg.monitor
     checks = [
-        (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
-        (cfg.train.batch_size >= 2, "train.batch_size must be >= 2 (batch statistics need two samples)"),
-        (cfg.data.limit is None or cfg.data.limit >= 1, "data.limit must be >= 1"),
-        (cfg.data.val_limit is None or cfg.data.val_limit >= 1, "data.val_limit must be >= 1"),
-        (cfg.data.holdout >= 0, "data.holdout must be >= 0"),
+        (cfg.output_dir.strip() != "", "output_dir must name a directory (it is empty)"),
+        (t.epochs >= 1, "train.epochs must be >= 1"),
+        (t.batch_size >= 2, "train.batch_size must be >= 2 (batch statistics need two samples)"),
+        (t.log_every_n_steps >= 1, "train.log_every_n_steps must be >= 1"),
+        (t.max_grad_norm is None or (_finite(t.max_grad_norm) and t.max_grad_norm > 0),
+         "train.max_grad_norm must be a positive number or null"),
+        (d.limit is None or d.limit >= 1, "data.limit must be >= 1"),
+        (d.val_limit is None or d.val_limit >= 1, "data.val_limit must be >= 1"),
+        (d.holdout >= 0, "data.holdout must be >= 0"),
+        (d.num_workers >= 0, "data.num_workers must be >= 0"),
+        (d.image_size is None or d.image_size >= 8, "data.image_size must be >= 8 pixels or null"),
+        (d.imbalance_ratio >= 1 and _finite(d.imbalance_ratio),
+         "data.imbalance_ratio must be >= 1 (1: balanced)"),
+        (a.min_scale is None or 0 < a.min_scale <= 1, "augment.min_scale must be in (0, 1]"),
+        (0 <= a.hflip <= 1, "augment.hflip must be a probability in [0, 1]"),
+        (a.color_jitter >= 0 and _finite(a.color_jitter), "augment.color_jitter must be >= 0"),
+        (_finite(o.base_lr) and o.base_lr > 0, f"optim.base_lr must be a positive number, got {o.base_lr}"),
+        (_finite(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay must be >= 0"),
+        (0 <= o.momentum < 1, "optim.momentum must be in [0, 1)"),
+        (all(0 <= b < 1 for b in o.betas), "optim.betas must each be in [0, 1)"),
+        (o.warmup_epochs >= 0 and _finite(o.warmup_epochs), "optim.warmup_epochs must be >= 0"),
         (cfg.checkpoint.every_n_epochs >= 0, "checkpoint.every_n_epochs must be >= 0 (0: only at the end)"),
         (cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1"),
-        (cfg.monitor.every_n_epochs >= 0, "monitor.every_n_epochs must be >= 0 (0: only at the end)"),
-        (cfg.method.temperature > 0, "method.temperature must be > 0"),
+        (m.every_n_epochs >= 0, "monitor.every_n_epochs must be >= 0 (0: only at the end)"),
+        (m.k >= 1, "monitor.k must be >= 1"),
+        (_finite(m.temperature) and m.temperature > 0, "monitor.temperature must be > 0"),
+        (m.batch_size >= 1, "monitor.batch_size must be >= 1"),
+        (_finite(cfg.method.temperature) and cfg.method.temperature > 0, "method.temperature must be > 0"),
         (0 <= cfg.method.momentum <= 1, "method.momentum must be in [0, 1]"),
-        (0 <= cfg.batchformer.dropout < 1, "batchformer.dropout must be in [0, 1)"),
         (cfg.method.proj_layers >= 2, "method.proj_layers must be >= 2"),
-        (cfg.model.width > 0, "model.width must be > 0"),
-        (cfg.train.log_every_n_steps >= 1, "train.log_every_n_steps must be >= 1"),
+        (min(cfg.method.proj_dim, cfg.method.proj_hidden_dim, cfg.method.pred_hidden_dim) >= 1,
+         "method.proj_dim, proj_hidden_dim and pred_hidden_dim must be >= 1"),
+        (0 <= cfg.batchformer.dropout < 1, "batchformer.dropout must be in [0, 1)"),
+        (cfg.batchformer.nhead >= 1, "batchformer.nhead must be >= 1"),
+        (_finite(cfg.batchformer.weight) and cfg.batchformer.weight >= 0, "batchformer.weight must be >= 0"),
+        (_finite(cfg.batchformer.lr_scale) and cfg.batchformer.lr_scale >= 0, "batchformer.lr_scale must be >= 0"),
+        (cfg.model.width > 0 and _finite(cfg.model.width), "model.width must be > 0"),
     ]
     for ok, message in checks:
         if not ok:

@@ -15,74 +15,21 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from lightly.utils.lars import LARS
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from batchssl import checkpoint as ckpt
-from batchssl.augment import eval_transform, view_transforms
+from batchssl.augment import view_transforms
 from batchssl.backbones import build_backbone
-from batchssl.config import Config, OptimConfig, save_config, to_dict
+from batchssl.config import Config, save_config, to_dict
 from batchssl.cpu import tune_malloc
-from batchssl.data import EpochShardSampler, Transformed, TwoViews, dataset_info, eval_datasets, pretrain_dataset
+from batchssl.data import EpochShardSampler, TwoViews, dataset_info, pretrain_dataset
 from batchssl.distributed import convert_sync_batchnorm, init_model_group, make_accelerator
 from batchssl.errors import NonFiniteLossError, UserError
-from batchssl.frozen import feature_dtype
+from batchssl.eval.frozen import feature_dtype
 from batchssl.methods import build_method
-
-
-def build_optimizer(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
-    # lr is set by the schedule before every step; 0 here is never used.
-    if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum)
-    if cfg.name == "lars":
-        return LARS(groups, lr=0.0, momentum=cfg.momentum)
-    return torch.optim.AdamW(groups, lr=0.0, betas=cfg.betas)
-
-
-def peak_lr(cfg: Config) -> float:
-    return cfg.optim.base_lr * cfg.train.batch_size / 256
-
-
-def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
-    """Linear warmup to the peak, then half-cosine to 0 (MoCo v3 / SimSiam), per step."""
-    if step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def set_lr(optimizer, lr: float, peak: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = (peak if group.get("fixed_lr") else lr) * group.get("lr_scale", 1.0)
-
-
-class KnnMonitor:
-    """kNN top-1/top-5 of the frozen backbone on the validation split; the bank is the labelled training split."""
-
-    def __init__(self, cfg: Config, info):
-        bank, val = eval_datasets(cfg.data)
-        transform = eval_transform(info)
-        self.bank, self.val = Transformed(bank, transform), Transformed(val, transform)
-        self.cfg, self.num_classes = cfg, info.num_classes
-
-    def __call__(self, backbone, accelerator, dtype) -> dict:
-        from batchssl.features import extract_features  # FAISS and the evaluators load only when monitoring
-        from knn_eval.knn import knn_classify
-
-        start = time.perf_counter()
-        m = self.cfg.monitor
-        kwargs = dict(batch_size=m.batch_size, num_workers=self.cfg.data.num_workers, accelerator=accelerator,
-                      dtype=dtype)
-        bank_x, bank_y = extract_features(backbone, self.bank, desc="kNN bank", **kwargs)
-        val_x, val_y = extract_features(backbone, self.val, desc="kNN val", **kwargs)
-        result = {}
-        if accelerator.is_main_process:
-            scores = knn_classify(bank_x, bank_y, val_x, val_y, ks=[m.k], temperature=m.temperature,
-                                  num_classes=self.num_classes)[m.k]
-            result = {"knn_top1": scores["top1"], "knn_top5": scores["top5"], "knn_k": m.k}
-        result["knn_seconds"] = time.perf_counter() - start
-        return result
+from batchssl.monitor import KnnMonitor
+from batchssl.optim import apply_lr, build_optimizer, peak_lr, warmup_cosine
 
 
 class MetricsLog:
@@ -224,8 +171,8 @@ def train(cfg: Config) -> dict:
             interval_start, interval_steps = time.perf_counter(), 0
             for i, (views, _) in enumerate(loader):
                 step = epoch * steps_per_epoch + i
-                lr = lr_at(step, total_steps, warmup_steps, peak)
-                set_lr(optimizer, lr, peak)
+                lr = warmup_cosine(step, total_steps, warmup_steps, peak)
+                apply_lr(optimizer, lr, peak)
                 metrics = train_step(method, optimizer, accelerator, views, step, total_steps,
                                      cfg.train.max_grad_norm)
                 if not math.isfinite(metrics["loss"]):

@@ -28,7 +28,7 @@ def build() -> tuple[nn.Module, TensorDataset]:
 if __name__ == "__main__":
     from accelerate import Accelerator
 
-    from batchssl.features import extract_features
+    from batchssl.eval.features import extract_features
 
     accelerator = Accelerator(cpu=True)
     backbone, dataset = build()

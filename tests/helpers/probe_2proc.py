@@ -12,7 +12,14 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 NUM_CLASSES, FEATURE_DIM = 4, 8
-PROBE = dict(num_classes=NUM_CLASSES, feature_dim=FEATURE_DIM, epochs=2, batch_size=16, base_lr=16.0, seed=0)  # lr 1.0
+PROBE = dict(num_classes=NUM_CLASSES, feature_dim=FEATURE_DIM)
+SETTINGS = dict(epochs=2, batch_size=16, base_lr=16.0, seed=0)  # lr 1.0
+
+
+def settings(**changes):
+    from batchssl.eval.linear_augmented import AugmentedProbeSettings
+
+    return AugmentedProbeSettings(**{**SETTINGS, **changes})
 
 
 def make_images(n: int, seed: int) -> TensorDataset:
@@ -38,13 +45,13 @@ def build() -> tuple[nn.Module, TensorDataset, TensorDataset]:
 if __name__ == "__main__":
     from accelerate import Accelerator
 
-    from linear_probe.probe import train_augmented_probe
+    from batchssl.eval.linear_augmented import train_augmented_probe
 
     accelerator = Accelerator(cpu=True)
     backbone, train_set, test_set = build()
     out = Path(sys.argv[1])
     result = train_augmented_probe(backbone, train_set, test_set, accelerator=accelerator,
-                                   checkpoint_dir=out / "ckpt", **PROBE)
+                                   checkpoint_dir=out / "ckpt", settings=settings(), **PROBE)
     if accelerator.is_main_process:
         torch.save(result, out / "result.pt")
     accelerator.wait_for_everyone()

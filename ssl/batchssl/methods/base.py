@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from lightly.models.modules.heads import ProjectionHead
+from lightly.utils.debug import std_of_l2_normalized
+
 from batchssl.batchformer import BatchFormer, two_streams
 from batchssl.config import BatchFormerConfig, OptimConfig
 
@@ -14,8 +17,17 @@ def upcast(x: Tensor) -> Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def mlp(in_dim: int, hidden: int, out: int, layers: int, last_bn: bool) -> ProjectionHead:
+    """The MoCo v3 / SimSiam head: bias-free linear layers, BN + ReLU after each hidden layer, and on the output
+    a BN without affine when last_bn (both papers' projectors; MoCo v3's predictor only for ViT)."""
+    blocks = [(in_dim, hidden, nn.BatchNorm1d(hidden), nn.ReLU(), False)]
+    blocks += [(hidden, hidden, nn.BatchNorm1d(hidden), nn.ReLU(), False) for _ in range(layers - 2)]
+    blocks += [(hidden, out, nn.BatchNorm1d(out, affine=False) if last_bn else None, None, False)]
+    return ProjectionHead(blocks)
+
+
 class SSLMethod(nn.Module):
-    """Subclasses set self.projector and self.predictor (projector output dim: self.proj_dim)."""
+    """Subclasses set self.projector and self.predictor, then call self._add_batchformer(projector output dim)."""
 
     projector: nn.Module
     predictor: nn.Module
@@ -41,6 +53,12 @@ class SSLMethod(nn.Module):
         h = two_streams(self._bf_at("backbone"), [self.backbone(x) for x in views])
         return two_streams(self._bf_at("projector"), [self.projector(x) for x in h])
 
+    @staticmethod
+    @torch.no_grad()
+    def z_std(z: Tensor) -> Tensor:
+        """Std of the l2-normalised projections: 0 at collapse, about 1 / sqrt(dim) when healthy (SimSiam)."""
+        return std_of_l2_normalized(upcast(z))
+
     def trainable_parts(self) -> dict[str, nn.Module]:
         """Named parts whose parameters the optimizer updates (momentum encoders excluded)."""
         parts = {"backbone": self.backbone, "projector": self.projector, "predictor": self.predictor}
@@ -51,9 +69,9 @@ class SSLMethod(nn.Module):
     def parameter_groups(self, cfg: OptimConfig) -> list[dict]:
         """Per part, two groups: weights with weight decay, and norms/biases (ndim <= 1) without it.
 
-        Extra keys read by the training loop's scheduler: `lr_scale` (BatchFormer's) and `fixed_lr` (SimSiam's
-        predictor option: keeps the initial lr, no warmup/cosine). LARS skips groups with weight_decay 0 entirely,
-        which is the MoCo v3 / BYOL exclusion of biases and norms from adaptation.
+        The group keys `lr_scale` (BatchFormer's) and `fixed_lr` (SimSiam's predictor option) are defined in
+        batchssl.optim. LARS gives groups with weight_decay 0 no trust ratio: the MoCo v3 / BYOL exclusion of
+        biases and norms from adaptation.
         """
         groups = []
         for name, part in self.trainable_parts().items():

@@ -8,31 +8,22 @@ m = 1 - (1 - m0) (cos(pi t / T) + 1) / 2 per step.
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 import torch.nn.functional as F
-from lightly.models.modules.heads import ProjectionHead
 from lightly.models.utils import update_momentum
-from lightly.utils.debug import std_of_l2_normalized
 from torch import Tensor, nn
 
+from batchssl.batchformer import two_stream_loss
 from batchssl.config import BatchFormerConfig, MethodConfig
 from batchssl.distributed import all_gather_no_grad, rank
-from batchssl.methods.base import SSLMethod, upcast
-
-
-def mlp(in_dim: int, hidden: int, out: int, layers: int, last_bn: bool) -> ProjectionHead:
-    """MoCo v3 heads: bias-free linear layers, BN + ReLU on hidden layers, BN without affine on the output when
-    last_bn (always for the projector; for the predictor only with ViT, as the official code builds it)."""
-    blocks = [(in_dim, hidden, nn.BatchNorm1d(hidden), nn.ReLU(), False)]
-    blocks += [(hidden, hidden, nn.BatchNorm1d(hidden), nn.ReLU(), False) for _ in range(layers - 2)]
-    blocks += [(hidden, out, nn.BatchNorm1d(out, affine=False) if last_bn else None, None, False)]
-    return ProjectionHead(blocks)
+from batchssl.methods.base import SSLMethod, mlp, upcast
+from batchssl.optim import warmup_cosine
 
 
 def moco_momentum(step: int, total_steps: int, m0: float) -> float:
-    return 1.0 - (1.0 - m0) * (math.cos(math.pi * step / max(total_steps, 1)) + 1.0) / 2.0
+    """m0 at step 0, cosine up to 1 at the last step."""
+    return warmup_cosine(step, total_steps, 0, m0, end=1.0)
 
 
 def contrastive_loss(q: Tensor, k: Tensor, temperature: float) -> Tensor:
@@ -49,6 +40,7 @@ class MoCoV3(SSLMethod):
         super().__init__(backbone, feature_dim, batchformer)
         self.temperature, self.m0 = cfg.temperature, cfg.momentum
         self.projector = mlp(feature_dim, cfg.proj_hidden_dim, cfg.proj_dim, cfg.proj_layers, last_bn=True)
+        # The predictor's output BN only for ViT, as the official code builds it.
         self.predictor = mlp(cfg.proj_dim, cfg.proj_hidden_dim, cfg.proj_dim, 2, last_bn=cfg.pred_last_bn)
         # The momentum branch never has BatchFormer: keys stay the original ones.
         self.backbone_momentum = copy.deepcopy(backbone).requires_grad_(False)
@@ -62,20 +54,11 @@ class MoCoV3(SSLMethod):
         n = views[0].shape[0]
         m = moco_momentum(step, total_steps, self.m0)
         z1, z2 = self.project(views)
-        q1, q2 = self.predictor(z1), self.predictor(z2)
         with torch.no_grad():
             if self.training:
                 update_momentum(self.backbone, self.backbone_momentum, m)
                 update_momentum(self.projector, self.projector_momentum, m)
             k1, k2 = (self.projector_momentum(self.backbone_momentum(x)) for x in views)
-        loss = self.symmetric_loss(q1[:n], q2[:n], k1, k2)
-        out = {"loss_main": loss.detach()}
-        if q1.shape[0] > n:
-            loss_bf = self.symmetric_loss(q1[n:], q2[n:], k1, k2)
-            loss = loss + self.bf_cfg.weight * loss_bf
-            out["loss_bf"] = loss_bf.detach()
-        with torch.no_grad():
-            out["z_std"] = std_of_l2_normalized(upcast(z1[:n]))
-        out["momentum"] = torch.tensor(m)
-        out["loss"] = loss
-        return out
+        out = two_stream_loss(self.symmetric_loss, (self.predictor(z1), self.predictor(z2)), (k1, k2),
+                              self.bf_cfg.weight)
+        return {**out, "z_std": self.z_std(z1[:n]), "momentum": torch.tensor(m)}

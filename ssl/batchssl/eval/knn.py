@@ -17,23 +17,83 @@ Ties, so that results are deterministic and documented:
 Threads: each query batch is cut into one contiguous slice per thread (faiss.omp_get_max_threads(), i.e. one
 per core unless OMP_NUM_THREADS or faiss.omp_set_num_threads say otherwise), and every slice is searched by a
 single-threaded FAISS call in its own Python thread (FAISS releases the GIL). FAISS' own OpenMP split
-synchronises its threads twice per 1024-row bank block; without those barriers a 4096-query search ran about
-15 % faster on an idle 2-core machine (D = 128: from 0.75 to 0.88 of a bare matmul's speed) and 2-3x faster
-when other processes competed for the cores. Slices are never cut below FAISS' BLAS threshold (see _search).
+synchronises its threads twice per 1024-row bank block; the slices avoid those barriers, which matters most when
+other processes compete for the cores (benchmarks/knn_speed.py measures it). Slices are never cut below FAISS'
+BLAS threshold (see _search).
 GPU: with a FAISS GPU build and a visible GPU (and use_gpu not False) the bank goes to a GpuIndexFlatIP and each
 batch is one GPU search; FAISS' GPU k-selection stops at k = 2048, so a larger k searches on the CPU.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.data import Dataset
+
+from batchssl.errors import UserError
+from batchssl.eval.features import extract_features
+
+
+
+@dataclass(frozen=True)
+class KnnSettings:
+    ks: tuple[int, ...] = (20, 200)
+    temperature: float = 0.07
+    batch_size: int = 512  # feature extraction, per process
+    num_workers: int = 0  # feature-extraction loader workers
+
+    def check(self) -> None:
+        """Raise UserError for settings that cannot work (before any feature is extracted)."""
+        if not self.ks or min(self.ks) < 1:
+            raise UserError(f"k must be >= 1, got {' '.join(map(str, self.ks))}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise UserError(f"temperature must be a positive number, got {self.temperature}")
+        if self.batch_size < 1:
+            raise UserError(f"batch size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class SplitFeatures:
+    """Frozen-backbone features of the kNN bank (labelled training split) and of the validation queries."""
+
+    bank: Tensor
+    bank_labels: Tensor
+    queries: Tensor
+    query_labels: Tensor
+
+
+def split_features(backbone, bank: Dataset, queries: Dataset, settings: KnnSettings, accelerator=None,
+                   dtype: torch.dtype | None = None, progress: bool = False) -> SplitFeatures:
+    """Features of both splits (every process gets them all; see extract_features)."""
+    kwargs = dict(batch_size=settings.batch_size, num_workers=settings.num_workers, accelerator=accelerator,
+                  dtype=dtype, progress=progress)
+    bank_x, bank_y = extract_features(backbone, bank, desc="kNN bank", **kwargs)
+    val_x, val_y = extract_features(backbone, queries, desc="kNN queries", **kwargs)
+    return SplitFeatures(bank_x, bank_y, val_x, val_y)
+
+
+def knn_evaluate(features: SplitFeatures, settings: KnnSettings, num_classes: int) -> dict[int, dict[str, float]]:
+    """The kNN score of a frozen backbone: what the training monitor and `python -m knn_eval` both report."""
+    return knn_classify(features.bank, features.bank_labels, features.queries, features.query_labels,
+                        ks=settings.ks, temperature=settings.temperature, num_classes=num_classes)
+
+
+def knn_evaluate_predictions(features: SplitFeatures, settings: KnnSettings, num_classes: int,
+                             ks: Sequence[int] | None = None) -> tuple[dict[int, dict[str, float]], dict[int, Tensor]]:
+    """knn_evaluate's scores plus every query's top-1 prediction for each k, from the same single search:
+    ({k: {"top1", "top5"}}, {k: int64 tensor (num_queries,)}). ks defaults to settings.ks."""
+    return knn_classify_predictions(features.bank, features.bank_labels, features.queries, features.query_labels,
+                                    ks=tuple(settings.ks if ks is None else ks), temperature=settings.temperature,
+                                    num_classes=num_classes)
+
 
 # FAISS GPU selection kernels handle at most this many neighbours per query.
 _GPU_MAX_K = 2048
@@ -56,21 +116,45 @@ def knn_classify(
     Returns {k: {"top1": percent, "top5": percent}}. With fewer than 5 classes "top5" is top-C (100 %);
     a k larger than the bank uses the whole bank. `num_classes` defaults to 1 + the largest label seen.
     """
+    return knn_classify_predictions(bank_feats, bank_labels, query_feats, query_labels, ks, temperature,
+                                    num_classes, batch_size, normalize, use_gpu)[0]
+
+
+def knn_classify_predictions(
+    bank_feats: Tensor,
+    bank_labels: Tensor,
+    query_feats: Tensor,
+    query_labels: Tensor,
+    ks: Sequence[int] = (20, 200),
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    batch_size: int = 4096,
+    normalize: bool = True,
+    use_gpu: bool | None = None,
+) -> tuple[dict[int, dict[str, float]], dict[int, Tensor]]:
+    """knn_classify's result and, for every k, each query's top-1 class (int64, CPU), from one search.
+
+    The prediction is the first class of the ranking that knn_classify scores (ties: lower class index), so
+    (predictions[k] == query_labels).mean() is its top-1 exactly.
+    """
     num_classes = _num_classes(num_classes, bank_labels, query_labels)
     query_labels = torch.as_tensor(query_labels).reshape(-1).long().cpu()
     if len(query_labels) != len(query_feats):
         raise ValueError(f"{len(query_feats)} query features but {len(query_labels)} query labels")
     top = min(5, num_classes)
     correct = {k: torch.zeros(2, dtype=torch.long) for k in ks}
+    predictions = {k: torch.empty(len(query_labels), dtype=torch.long) for k in ks}
     for rows, scores_by_k in _scores(bank_feats, bank_labels, query_feats, ks, temperature, num_classes,
                                      batch_size, normalize, use_gpu):
         targets = query_labels[rows].unsqueeze(1)
         for k, scores in scores_by_k.items():
             ranked = _rank(scores)[:, :top]
+            predictions[k][rows] = ranked[:, 0]
             hits = ranked == targets
             correct[k] += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()])
     n = len(query_labels)
-    return {k: {"top1": 100.0 * c[0].item() / n, "top5": 100.0 * c[1].item() / n} for k, c in correct.items()}
+    scores = {k: {"top1": 100.0 * c[0].item() / n, "top5": 100.0 * c[1].item() / n} for k, c in correct.items()}
+    return scores, predictions
 
 
 def knn_predict_scores(

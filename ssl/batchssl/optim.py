@@ -1,0 +1,96 @@
+"""Optimisers and schedules: the factory the trainer uses, one LARS, one warmup + cosine schedule.
+
+Parameter groups (built by a method's `parameter_groups`, or by hand) may carry two keys besides torch's own,
+read by `apply_lr` every step:
+- `lr_scale` (float, default 1): the group's lr is the scheduled lr times this (BatchFormer's `lr_scale`);
+- `fixed_lr` (bool, default False): the group keeps the peak lr, no warmup or decay (SimSiam's predictor option).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from batchssl.config import Config, OptimConfig
+
+
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int, start: float, end: float = 0.0) -> float:
+    """Linear warmup from 0 to `start` over `warmup_steps`, then a half cosine from `start` to `end`.
+
+    The trainer's lr (start = peak lr, end = 0: MoCo v3, SimSiam), the probes' lr (no warmup) and MoCo v3's
+    momentum (start = m0, end = 1: m = 1 - (1 - m0)(cos(pi t / T) + 1) / 2) are all this one function.
+    """
+    if step < warmup_steps:
+        return start * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def peak_lr(cfg: Config) -> float:
+    """The linear scaling rule of MoCo v3 and SimSiam: lr = base_lr * global batch / 256."""
+    return cfg.optim.base_lr * cfg.train.batch_size / 256
+
+
+def apply_lr(optimizer: torch.optim.Optimizer, lr: float, peak: float) -> None:
+    """Set every group's lr from the scheduled `lr`, honouring the group keys `lr_scale` and `fixed_lr`."""
+    for group in optimizer.param_groups:
+        group["lr"] = (peak if group.get("fixed_lr") else lr) * group.get("lr_scale", 1.0)
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise trust ratios (You et al. 2017), as MoCo v3, BYOL and SimSiam use it.
+
+    For a weight matrix (ndim > 1) the update g + wd * p is scaled by
+    trust_coefficient * |p| / (|g| + wd * |p| + eps) (1 when |p| or |g| is 0). Groups with weight decay 0 get
+    no trust ratio (MoCo v3 / BYOL exclude biases and norms from adaptation that way) unless they set
+    `trust_without_decay` -- SimSiam's linear probe trains with LARS at weight decay 0, where skipping the trust
+    ratio would silently make it plain SGD. Equal to lightly's LARS for groups with decay, but free of host
+    synchronisation (no `if norm != 0` on device tensors).
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 trust_coefficient: float = 0.001, eps: float = 1e-8, trust_without_decay: bool = False):
+        if lr < 0 or momentum < 0 or weight_decay < 0:
+            raise ValueError("LARS: lr, momentum and weight_decay must be >= 0")
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      trust_coefficient=trust_coefficient, eps=eps,
+                                      trust_without_decay=trust_without_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            wd = group["weight_decay"]
+            adapt = wd != 0 or group["trust_without_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                update = p.grad
+                if adapt and p.ndim > 1:
+                    p_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(p.grad)
+                    trust = group["trust_coefficient"] * p_norm / (g_norm + p_norm * wd + group["eps"])
+                    trust = torch.where((p_norm > 0) & (g_norm > 0), trust, torch.ones_like(trust))
+                    update = update.add(p, alpha=wd) * trust
+                state = self.state[p]
+                if group["momentum"] != 0:
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = update.clone()
+                    else:
+                        state["momentum_buffer"].mul_(group["momentum"]).add_(update)
+                    update = state["momentum_buffer"]
+                p.add_(update, alpha=-group["lr"])
+        return loss
+
+
+def build_optimizer(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """SGD, LARS or AdamW over `groups` (each with its own weight_decay). The lr is set by `apply_lr` before
+    every step, so the 0 given here is never used."""
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum)
+    if cfg.name == "lars":
+        return LARS(groups, lr=0.0, momentum=cfg.momentum)
+    return torch.optim.AdamW(groups, lr=0.0, betas=cfg.betas)
