@@ -1,10 +1,12 @@
 """Datasets: Fashion-MNIST (Debian idx files or torchvision), CIFAR-10/100, STL-10, ImageFolder; the two-view wrapper.
 
 Every base dataset returns (PIL image, int label). Splits:
-- pretraining: the training split (STL-10: train+unlabeled), minus `data.holdout`, first `data.limit` images;
+- pretraining: the training split (STL-10: train+unlabeled), minus `data.holdout`, first `data.limit` images,
+  then, with `data.imbalance_ratio` > 1, the long-tailed cut (see `long_tail_rows`);
 - kNN bank / probe training: the labelled training split minus the holdout, first `data.limit` images;
 - validation: the held-out tail of the training split when `data.holdout > 0`, else the test split; first
   `data.val_limit` images.
+The bank, the probes and the validation split never see the long-tailed cut: they stay balanced.
 """
 
 from __future__ import annotations
@@ -249,14 +251,146 @@ def _limited(ds: Dataset, limit: int | None) -> Dataset:
     return ds if limit is None or limit >= len(ds) else Slice(ds, 0, limit)
 
 
+# ---------------------------------------------------------------------------------------------- pretraining split
+
+
+class Rows(Dataset):
+    """The given rows of another dataset, in the given order (the pretraining split: holdout, limit, long tail)."""
+
+    def __init__(self, base: Dataset, rows: np.ndarray):
+        self.base, self.rows = base, np.asarray(rows, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int):
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        return self.base[int(self.rows[index])]
+
+
+def long_tail_counts(n_max: int, num_classes: int, ratio: float) -> list[int]:
+    """Images kept per class c = 0 .. C-1: int(n_max * (1 / ratio) ** (c / (C - 1))), at least 1.
+
+    Exactly the arithmetic of Cao et al. 2019 (LDAM-DRW, `IMBALANCECIFAR10.get_img_num_per_cls`, imb_factor =
+    1 / ratio), which truncates rather than rounds: CIFAR-10-LT at ratio 100 then has the literature's 12,406
+    images (5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50) and CIFAR-100-LT its 10,847 (rounding would
+    give 12,408 and 10,899). Ratio 1 keeps n_max of every class. One class: n_max. The floor of one image
+    (no class vanishes) only matters when n_max < ratio, e.g. a small data.limit.
+    """
+    if num_classes <= 1 or ratio == 1:
+        return [n_max] * num_classes
+    return [max(1, int(n_max * (1.0 / ratio) ** (c / (num_classes - 1.0)))) for c in range(num_classes)]
+
+
+def long_tail_rows(labels: np.ndarray, num_classes: int, ratio: float) -> np.ndarray:
+    """Positions (into `labels`, ascending) of the long-tailed subset: class c keeps its FIRST
+    long_tail_counts(n_max, C, ratio)[c] images in the given order (all it has if it has fewer), where n_max is
+    the size of the most frequent class in `labels`. Class order = label index: class 0 is the head, class C-1
+    the tail (the CIFAR-10-LT convention). Deterministic: no random draw.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    if ratio == 1:
+        return np.arange(len(labels))
+    present = np.bincount(labels[labels >= 0], minlength=num_classes)
+    quota = np.asarray(long_tail_counts(int(present.max(initial=0)), num_classes, ratio), dtype=np.int64)
+    # rank of each image within its class, in order: keep it when the rank is below the class's quota.
+    order = np.argsort(labels, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=num_classes))[:-1]])
+    rank = np.empty(len(labels), dtype=np.int64)
+    rank[order] = np.arange(len(labels)) - starts[labels[order]]
+    return np.flatnonzero(rank < quota[labels])
+
+
+def _base_labels(ds: Dataset) -> np.ndarray:
+    """Labels of a base dataset without decoding an image (ArrayImages, torchvision ImageFolder)."""
+    if isinstance(ds, ArrayImages):
+        return ds.labels
+    if hasattr(ds, "targets"):
+        return np.asarray(ds.targets, dtype=np.int64)
+    raise TypeError(f"cannot read the labels of {type(ds).__name__} without loading its images")
+
+
+def _check_long_tail(cfg: DataConfig) -> None:
+    if cfg.imbalance_ratio != 1 and cfg.name == "stl10":
+        raise UserError("data.imbalance_ratio needs a labelled pretraining split: STL-10 pretrains on 100k "
+                        "unlabelled images (use cifar10, cifar100, fashion_mnist or imagefolder)")
+
+
+def _pretrain_rows(cfg: DataConfig) -> tuple[Dataset, np.ndarray]:
+    """(base dataset, its rows that form the pretraining split, in order).
+
+    Order of the cuts: holdout, then `limit`, then the long-tailed cut.
+    - holdout first: the held-out images are the validation split, never pretrained on, whatever the ratio.
+    - `limit` before the long tail: `limit` keeps one meaning for every split ("the run uses only the first N
+      training images"), so the pretraining images are a subset of the kNN bank's, and the cut then gives the
+      exact ratio profile at any size (n_max measured on the limited split). Cutting first and limiting after
+      would flatten the profile: the tail classes keep their first images in dataset order, which lie near the
+      front, so e.g. the first 5000 of Fashion-MNIST-LT (ratio 100) would hold 785 .. 60 images per class,
+      a ratio of 13, not 100.
+    """
+    _check_long_tail(cfg)
+    base = load_split(cfg, "pretrain")
+    labelled = len(load_split(cfg, "train")) if cfg.name == "stl10" else len(base)
+    rows = np.arange(len(base), dtype=np.int64)
+    if cfg.holdout:
+        if cfg.holdout >= labelled:
+            raise UserError(f"data.holdout={cfg.holdout} leaves no training images (the split has {labelled})")
+        # STL-10's pretraining set starts with its 5000 labelled training images: the holdout comes off their
+        # tail and the unlabeled part follows.
+        rows = np.concatenate([rows[: labelled - cfg.holdout], rows[labelled:]])
+    if cfg.limit is not None:
+        rows = rows[: cfg.limit]
+    if cfg.imbalance_ratio != 1:
+        labels = _base_labels(base)[rows]
+        rows = rows[long_tail_rows(labels, dataset_info(cfg).num_classes, cfg.imbalance_ratio)]
+    return base, rows
+
+
 def pretrain_dataset(cfg: DataConfig) -> Dataset:
-    ds = load_split(cfg, "pretrain")
-    labelled = len(load_split(cfg, "train")) if cfg.name == "stl10" else len(ds)
-    return _limited(_without_holdout(cfg, ds, labelled), cfg.limit)
+    """The pretraining split, untransformed: (PIL image, label) with label -1 for unlabelled images.
+
+    The training split (STL-10: train+unlabeled) minus the last `data.holdout` labelled images, its first
+    `data.limit` images, then with `data.imbalance_ratio` = r > 1 the long-tailed cut: class c of C keeps its
+    first int(n_max * r^(-c / (C - 1))) images in dataset order (n_max: the most frequent class's count before
+    the cut; classes in label order, class 0 the head), the CIFAR-10-LT construction of Cao et al. 2019 (LDAM)
+    used by the long-tailed self-supervised literature (see `long_tail_counts`, `long_tail_rows`). The cut
+    applies to every labelled dataset (Fashion-MNIST, CIFAR-10/100, ImageFolder); STL-10 refuses it (its
+    pretraining images are unlabelled). Only pretraining sees it: `eval_datasets` (kNN bank, probes,
+    validation) stays balanced, the protocol of Jiang et al. 2021 (Self-Damaging Contrastive Learning):
+    pretrain on the long-tailed subset, evaluate on the balanced splits, report many / medium / few classes.
+    """
+    base, rows = _pretrain_rows(cfg)
+    return Rows(base, rows)
+
+
+def pretrain_class_counts(cfg: DataConfig) -> list[int] | None:
+    """Images per class (index = label) in the pretraining split actually used (holdout, limit and long-tailed
+    cut applied), for the per-frequency evaluation. None for STL-10, whose pretraining images are unlabelled."""
+    if cfg.name == "stl10":
+        _check_long_tail(cfg)
+        return None
+    base, rows = _pretrain_rows(cfg)
+    labels = _base_labels(base)[rows]
+    return np.bincount(labels[labels >= 0], minlength=dataset_info(cfg).num_classes).tolist()
+
+
+def in_memory_pretrain_images(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray] | None:
+    """The pretraining split as (uint8 images (N, H, W) or (N, H, W, C), int64 labels (N,), -1 = unlabelled),
+    the same images in the same order as `pretrain_dataset(cfg)`; None for datasets not held in memory
+    (ImageFolder). A view of the loaded array when the split is one contiguous range, else a copy."""
+    base, rows = _pretrain_rows(cfg)
+    if not isinstance(base, ArrayImages):
+        return None
+    if len(rows) and rows[-1] - rows[0] + 1 == len(rows):  # ascending, so this means one contiguous range
+        take = slice(int(rows[0]), int(rows[-1]) + 1)
+        return base.images[take], base.labels[take]
+    return base.images[rows], base.labels[rows]
 
 
 def eval_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset]:
-    """(labelled training images for the kNN bank / probe, validation images); untransformed."""
+    """(labelled training images for the kNN bank / probe, validation images); untransformed. Balanced whatever
+    `data.imbalance_ratio` says: the long-tailed cut is for pretraining only."""
     train = load_split(cfg, "train")
     if cfg.holdout:
         val = Slice(train, len(train) - cfg.holdout, len(train)) if cfg.holdout < len(train) else None
