@@ -14,7 +14,7 @@ from batchssl.backbones import build_backbone
 from batchssl.config import load_config, to_dict
 from batchssl.data import INFO
 from batchssl.methods import build_method
-from batchssl.train import build_optimizer, peak_lr
+from batchssl.optim import build_optimizer, peak_lr
 from conftest import REPO
 
 RECIPES = sorted((REPO / "recipes").glob("**/*.yaml"))
@@ -49,6 +49,10 @@ def test_the_recipe_set_is_complete():
                         "stl10": ["simsiam", "mocov3"], "imagenet100": ["simsiam", "mocov3_r50", "mocov3_vit_small"],
                         "imagenet": ["simsiam", "mocov3_r50", "mocov3_vit_small"]}.items():
         expected |= {f"{ds}/{m}{bf}" for m in methods for bf in ("", "_bf")}
+    # long-tailed (imbalance ratio 100), with and without BatchFormer; Fashion-MNIST also balanced at the LT size
+    expected |= {f"{ds}/mocov3{bf}_lt" for ds in ("cifar10", "cifar100") for bf in ("", "_bf")}
+    expected |= {f"fashion_mnist/{m}{bf}_lt{tail}" for m in ("simsiam", "mocov3") for bf in ("", "_bf")
+                 for tail in ("", "_balanced")}
     assert expected <= names, f"missing recipes: {sorted(expected - names)}"
 
 
@@ -92,6 +96,8 @@ SCHEDULES = {
     "cifar10/simsiam": ("sgd", 0.03, 512, 0.06, 800, 0),
     "cifar10/mocov3": ("sgd", 0.12, 512, 0.24, 800, 10),
     "cifar10/mocov3_vit": ("adamw", 1.5e-4, 1024, 6e-4, 800, 40),
+    "cifar10/mocov3_lt": ("sgd", 0.12, 512, 0.24, 3200, 40),  # the balanced twin's steps on 12406 images
+    "cifar10/mocov3_bf_lt": ("sgd", 0.12, 512, 0.24, 3200, 40),
     "stl10/simsiam": ("sgd", 0.03, 512, 0.06, 400, 0),
     "stl10/mocov3": ("sgd", 0.12, 512, 0.24, 400, 10),
     "imagenet100/simsiam": ("sgd", 0.05, 512, 0.1, 200, 0),
