@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One check for a lent GPU machine, under 8 minutes:
-#  1. CIFAR-10-sized synthetic training throughput in bf16 (ResNet-18, CIFAR stem, batch 512) for SimSiam and
-#     MoCo v3, with and without BatchFormer, beside the lightly-built reference and the bare backbone;
+#  1. CIFAR-10-sized training throughput (ResNet-18, CIFAR stem, batch 512) for SimSiam and MoCo v3: fp32,
+#     channels_last, bf16, bf16 + channels_last, without BatchFormer, and real views (DeviceViews);
 #  2. a real pretraining run on the GPU in bf16 (Fashion-MNIST subset, 2 epochs, kNN monitor with features in bf16);
 #  3. with two or more GPUs: the 2-process (NCCL) vs 1-process loss check at step 1.
 # Usage: bash benchmarks/gpu_check.sh [FASHION_MNIST_DIR]. The GPU machine's own python3 (with torch) runs it. On
@@ -20,9 +20,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
 NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
 
-echo "== 1. throughput, bf16, CIFAR-10 sized (ResNet-18 CIFAR stem, 32 px, batch 512)"
-timeout 200 python3 benchmarks/train_throughput.py --preset cifar10 --device cuda --amp bf16 --batch 512 \
-  --repeats 3 --steps 10 --warmup 1
+echo "== 1. throughput, CIFAR-10 sized (ResNet-18 CIFAR stem, 32 px, batch 512)"
+CIFAR="data.name=cifar10 model.width=1.0 model.stem=cifar train.batch_size=512"
+timeout 100 python3 benchmarks/train_throughput.py --config recipes/fashion_mnist/simsiam_bf.yaml $CIFAR \
+  method.proj_hidden_dim=2048 method.proj_dim=2048 method.proj_layers=2 method.pred_hidden_dim=512 \
+  --real --repeats 3 --steps 10 --warmup 3
+timeout 100 python3 benchmarks/train_throughput.py --config recipes/fashion_mnist/mocov3_bf.yaml $CIFAR \
+  method.proj_hidden_dim=4096 method.proj_dim=256 method.proj_layers=3 method.temperature=0.2 \
+  --real --repeats 3 --steps 10 --warmup 3
 
 echo "== 2. real run: pretrain.py in bf16 on the GPU, kNN monitor"
 OUT=$(mktemp -d)

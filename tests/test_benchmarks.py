@@ -34,3 +34,34 @@ def test_quality_benchmark_runs_two_recipes_at_once_and_reuses_them(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "$ " not in again.stdout  # nothing was trained again
     assert json.loads((out / "quality.json").read_text())["rows"] == table["rows"]
+
+
+def _load_benchmark_module(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("overrides", [[], ["batchformer.scope=per_view"],
+                                       ["batchformer.position=backbone", "train.batch_size=64"]])
+def test_batchformer_flops_closed_form_matches_flop_counter(overrides):
+    """The BatchFormer layer's FLOPs in a training step of the default recipe, counted by FlopCounterMode on the
+    meta device (benchmarks/flops.py, as train_throughput.py uses it), equal the closed form from its shapes."""
+    import torch
+
+    from batchssl.backbones import build_backbone
+    from batchssl.config import load_config
+
+    flops = _load_benchmark_module("flops")
+    cfg = load_config(REPO / "recipes" / "fashion_mnist" / "mocov3_bf.yaml", overrides)
+    with torch.device("meta"):
+        feature_dim = build_backbone(cfg.model, 1, 28)[1]
+    total, layer = flops.step_flops(cfg)
+    assert layer == pytest.approx(flops.batchformer_flops_closed_form(cfg, feature_dim), rel=1e-9)
+    assert 0 < layer < total
+    no_bf, none = flops.step_flops(load_config(REPO / "recipes" / "fashion_mnist" / "mocov3_bf.yaml",
+                                               overrides + ["batchformer.enabled=false"]))
+    assert none is None and no_bf < total
