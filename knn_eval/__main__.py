@@ -27,17 +27,26 @@ def main(argv=None) -> None:
 
 
 def run(args) -> dict:
-    from batchssl.cli import source_from_args, write_json
-    from batchssl.data import pretrain_class_counts
-    from batchssl.eval.frozen import load_frozen, resolve
-    from batchssl.eval.knn import KnnSettings, knn_evaluate_predictions, split_features
-    from batchssl.eval.per_class import per_class_report
+    from batchssl.cli import run_lock, source_from_args
+    from batchssl.eval.frozen import resolve
+    from batchssl.eval.knn import KnnSettings
 
     source = source_from_args(args)
-    cfg, _, _ = resolve(source)  # bad input stops here, before the backbone and the data are loaded
+    cfg, _, out_dir = resolve(source)  # bad input stops here, before the backbone and the data are loaded
     settings = KnnSettings(ks=tuple(args.k), temperature=args.temperature, batch_size=args.batch_size,
                            num_workers=cfg.data.num_workers)
     settings.check()
+    with run_lock(out_dir, source, "python -m knn_eval"):
+        return _evaluate(source, settings, args)
+
+
+def _evaluate(source, settings, args) -> dict:
+    from batchssl.cli import record_result, result_key
+    from batchssl.data import pretrain_class_counts
+    from batchssl.eval.frozen import load_frozen
+    from batchssl.eval.knn import knn_evaluate_predictions, split_features
+    from batchssl.eval.per_class import per_class_report
+
     frozen = load_frozen(source)
     start = time.perf_counter()
     features = split_features(frozen.backbone, *frozen.eval_splits(), settings, frozen.accelerator, frozen.dtype,
@@ -54,7 +63,7 @@ def run(args) -> dict:
               "queries": len(features.query_labels), "temperature": args.temperature,
               "seconds": time.perf_counter() - start, "results": {str(k): v for k, v in scores.items()},
               "pretrain_class_counts": class_counts}
-    write_json(frozen.out_dir / "knn.json", record)
+    record_result(frozen.out_dir / "knn.json", result_key("knn", settings, source), record)
     print(f"kNN ({record['dataset']}, {record['arch']}): bank {record['bank']}, queries {record['queries']}, "
           f"T = {args.temperature}")
     print(f"{'k':>6} {'top-1':>7} {'top-5':>7} {'many':>7} {'medium':>7} {'few':>7} {'cls std':>7}")

@@ -11,7 +11,6 @@ Writes linear_probe.json (one entry per mode). `accelerate launch -m linear_prob
 """
 
 import argparse
-import json
 import sys
 import time
 
@@ -44,18 +43,31 @@ def main(argv=None) -> None:
         run(args)
 
 
+def check_arguments(args) -> None:
+    """Every probe argument checked before any feature is extracted (a bad one must not cost a run's time)."""
+    from batchssl.errors import UserError
+
+    checks = [
+        (args.epochs is None or args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}"),
+        (args.batch_size is None or args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
+        (args.base_lr > 0 and args.base_lr != float("inf"), f"--base-lr must be a positive number, got {args.base_lr}"),
+        (all(0 < lr < float("inf") for lr in args.lrs), "--lrs must be positive numbers"),
+        (0 < args.val_fraction < 1, f"--val-fraction must be in (0, 1), got {args.val_fraction}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+
+
 def run(args) -> dict:
-    from batchssl.augment import probe_train_transform
-    from batchssl.cli import source_from_args, write_json
-    from batchssl.data import Transformed, eval_datasets, pretrain_class_counts
-    from batchssl.eval.features import extract_features
-    from batchssl.eval.frozen import load_frozen, resolve
-    from batchssl.eval.linear_augmented import AugmentedProbeSettings, train_augmented_probe
-    from batchssl.eval.linear_cached import CachedProbeSettings, train_cached_probes, train_val_split
-    from batchssl.eval.per_class import per_class_report
+    from batchssl.cli import run_lock, source_from_args
+    from batchssl.eval.frozen import resolve
+    from batchssl.eval.linear_augmented import AugmentedProbeSettings
+    from batchssl.eval.linear_cached import CachedProbeSettings
 
     source = source_from_args(args)
-    resolve(source)  # bad input stops here, before the backbone and the data are loaded
+    _, _, out_dir = resolve(source)  # bad input stops here, before the backbone and the data are loaded
+    check_arguments(args)
     if args.mode == "cached":
         settings = CachedProbeSettings(lrs=tuple(args.lrs), epochs=args.epochs or 100,
                                        batch_size=args.batch_size or 1024, val_fraction=args.val_fraction,
@@ -64,6 +76,20 @@ def run(args) -> dict:
         settings = AugmentedProbeSettings(epochs=args.epochs or 90, batch_size=args.batch_size or 256,
                                           base_lr=args.base_lr, optimizer=args.optimizer, seed=args.seed,
                                           standardize=not args.raw_features)
+    with run_lock(out_dir, source, "python -m linear_probe"):
+        return _evaluate(source, settings, args)
+
+
+def _evaluate(source, settings, args) -> dict:
+    from batchssl.augment import probe_train_transform
+    from batchssl.cli import record_result, result_key
+    from batchssl.data import Transformed, eval_datasets, pretrain_class_counts
+    from batchssl.eval.features import extract_features
+    from batchssl.eval.frozen import load_frozen
+    from batchssl.eval.linear_augmented import train_augmented_probe
+    from batchssl.eval.linear_cached import train_cached_probes, train_val_split
+    from batchssl.eval.per_class import per_class_report
+
     frozen = load_frozen(source)
     accelerator, dtype = frozen.accelerator, frozen.dtype
     train_set, test_set = frozen.eval_splits()
@@ -95,9 +121,8 @@ def run(args) -> dict:
                                    frozen.info.num_classes, pretrain_class_counts(frozen.cfg.data)))
     result["seconds"] = time.perf_counter() - start
     path = frozen.out_dir / "linear_probe.json"
-    record = json.loads(path.read_text()) if path.is_file() else {}
-    record[args.mode] = {"dataset": frozen.cfg.data.name, "arch": frozen.cfg.model.arch, **result}
-    write_json(path, record)
+    entry = {"mode": args.mode, "dataset": frozen.cfg.data.name, "arch": frozen.cfg.model.arch, **result}
+    record = record_result(path, result_key(f"linear {args.mode}", settings, source), entry)
     chosen = f", lr {result['lr']:g} chosen on held-out train (val top-1 {result['val_top1']:.2f})" \
         if args.mode == "cached" else f", lr {result['lr']:g}"
     groups = ", ".join(f"{g} {result[g]:.2f}" for g in ("many", "medium", "few") if result.get(g) is not None)

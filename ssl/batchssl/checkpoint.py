@@ -212,8 +212,9 @@ FREE_TO_CHANGE = {
     "output_dir", "data.root", "data.download", "data.num_workers", "data.val_limit",
     "checkpoint.every_n_epochs", "checkpoint.keep_last", "checkpoint.resume", "checkpoint.allow_changes",
     "train.log_every_n_steps", "train.log_with",
+    "monitor.every_n_epochs", "monitor.k", "monitor.temperature", "monitor.batch_size", "monitor.enabled",
 }
-FREE_SECTIONS = ("monitor.",)
+FREE_SECTIONS = ()
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

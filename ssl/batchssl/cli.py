@@ -27,5 +27,41 @@ def source_from_args(args: argparse.Namespace) -> FrozenSource:
                         precision=args.precision, overrides=list(args.overrides))
 
 
-def write_json(path: Path, record: dict) -> None:
-    atomic_write(path, json.dumps(record, indent=1) + "\n")
+def result_key(name: str, settings, source: FrozenSource) -> str:
+    """What identifies a result: the evaluator, its settings, the feature precision and the config overrides."""
+    from dataclasses import asdict
+
+    fields = ", ".join(f"{k}={v}" for k, v in asdict(settings).items() if k not in ("num_workers", "batch_size")
+                       or name.startswith("linear"))
+    overrides = " ".join(sorted(source.overrides))
+    return f"{name} [{fields}] precision={source.precision}" + (f" {overrides}" if overrides else "")
+
+
+def record_result(path: Path, key: str, record: dict) -> dict:
+    """Add `record` under `key` to the results file at `path`, keeping the entries of other settings, so that one
+    call can never erase another's result. Layout: {"entries": {key: record, ...}, "latest": key}."""
+    document = {"entries": {}}
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            old = {}
+        if isinstance(old, dict) and isinstance(old.get("entries"), dict):
+            document = old
+        elif old:  # a file of the earlier one-result layout: kept as an entry of its own
+            document["entries"]["earlier result"] = old
+    document["entries"][key] = record
+    document["latest"] = key
+    atomic_write(path, json.dumps(document, indent=1) + "\n")
+    return document
+
+
+def run_lock(frozen_out: Path, source: FrozenSource, purpose: str):
+    """The run directory's lock when the evaluator writes into a run (a live pretraining holds it); else none.
+    Only the main process (RANK 0) of a multi-process evaluation takes it."""
+    import os
+    from contextlib import nullcontext
+
+    from batchssl.checkpoint import RunLock
+
+    return RunLock(frozen_out, purpose) if source.run and os.environ.get("RANK", "0") == "0" else nullcontext()

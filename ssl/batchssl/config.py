@@ -36,7 +36,7 @@ class DataConfig:
     # (in-memory datasets); workers = lightly's per-sample transforms in loader workers; auto = device when possible.
     pipeline: Literal["auto", "device", "workers"] = "auto"
     image_size: Optional[int] = None  # None: the dataset's natural size (28, 32, 96, 224)
-    # Long-tailed pretraining split: class c of C keeps its first round(n_max * ratio^(-c / (C - 1))) images
+    # Long-tailed pretraining split: class c of C keeps its first int(n_max * ratio^(-c / (C - 1))) images
     # (the CIFAR-10-LT convention). 1: balanced. Evaluation splits stay balanced.
     imbalance_ratio: float = 1.0
 
@@ -126,6 +126,9 @@ class MonitorConfig:
     temperature: float = 0.1
     batch_size: int = 512
     enabled: bool = True
+    # A linear head trained every step on the detached backbone features of the training views (labelled rows),
+    # scored on the validation split at each monitor call; skipped when the pretraining split has no labels.
+    online_linear: bool = True
 
 
 @dataclass

@@ -220,7 +220,30 @@ def _image_folder(cfg: DataConfig, split: str) -> Dataset:
     folder = Path(cfg.root) / ("val" if split == "test" else "train")
     if not folder.is_dir():
         raise UserError(f"image folder {folder} not found: data.root must hold train/<class>/* and val/<class>/*")
-    return ImageFolder(str(folder))
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    if not classes:
+        raise UserError(f"image folder {folder} has no class folders: data.root must hold train/<class>/* and "
+                        "val/<class>/*")
+    try:
+        return ImageFolder(str(folder), loader=_load_image)
+    except FileNotFoundError as err:  # torchvision: "Found no valid file for the classes a, b. ..."
+        empty = str(err).split("for the classes")[-1].split(".")[0].strip()
+        raise UserError(f"image folder {folder}: no images in the class folder(s) {empty} "
+                        "(supported: .jpg .jpeg .png .ppm .bmp .pgm .tif .tiff .webp)") from None
+
+
+class UnreadableImageError(UserError):
+    """An image file that cannot be decoded (truncated, corrupt, not an image)."""
+
+
+def _load_image(path: str) -> Image.Image:
+    """PIL's RGB image of `path`, decoded now, so a broken file is reported by name (even from a loader worker)."""
+    try:
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise UnreadableImageError(f"cannot read image {path}: {err}") from None
 
 
 def load_split(cfg: DataConfig, split: str) -> Dataset:

@@ -18,5 +18,14 @@ def exit_on_user_error(prog: str):
     try:
         yield
     except UserError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
+        print(f"{prog}: error: {one_line(str(err))}", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+def one_line(message: str) -> str:
+    """The user's message of an error, also when a DataLoader worker re-raised it with its traceback appended
+    ("Caught X in DataLoader worker process 0. Original Traceback ... module.X: message")."""
+    if "Original Traceback" in message:
+        last = message.strip().splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return message

@@ -24,7 +24,9 @@ class KnnMonitor:
 
         return pretrain_class_counts(self.cfg.data)
 
-    def __call__(self, backbone, accelerator, dtype) -> dict:
+    def __call__(self, backbone, accelerator, dtype, online=None) -> dict:
+        """kNN metrics (main process), and with `online` (an OnlineLinear) its top-1 / top-5 on the same
+        validation features: no second pass over the data."""
         # FAISS loads only when monitoring.
         from batchssl.eval.knn import KnnSettings, split_features
         from batchssl.eval.per_class import knn_frequency_metrics
@@ -38,5 +40,7 @@ class KnnMonitor:
         if accelerator.is_main_process:
             # knn_top1 / top5 / k as knn_evaluate, plus knn_many / medium / few and knn_class_std (one search)
             result = knn_frequency_metrics(features, settings, self.num_classes, self.class_counts)
+            if online is not None:
+                result.update(online.evaluate(features.queries, features.query_labels))
         result["knn_seconds"] = time.perf_counter() - start
         return result

@@ -41,11 +41,13 @@ from batchssl.optim import warmup_cosine
 
 class OnlineLinear(nn.Module):
     def __init__(self, feature_dim: int, num_classes: int, lr: float = 0.1, momentum: float = 0.9,
-                 weight_decay: float = 0.0, seed: int = 0, init_std: float = 0.01):
+                 weight_decay: float = 0.0, seed: int = 0, init_std: float = 0.01, skip_unlabelled: bool = True):
         super().__init__()
         if feature_dim < 1 or num_classes < 2:
             raise ValueError(f"OnlineLinear: feature_dim >= 1 and num_classes >= 2, got {feature_dim}, {num_classes}")
         self.feature_dim, self.num_classes, self.lr = feature_dim, num_classes, lr
+        # False when every training row is labelled: no row selection then, hence no host-device sync per step.
+        self.skip_unlabelled = skip_unlabelled
         self.norm = nn.BatchNorm1d(feature_dim, affine=False)
         # skip_init: nn.Linear's own reset_parameters would draw from torch's global generator.
         self.linear = nn.utils.skip_init(nn.Linear, feature_dim, num_classes)
@@ -66,10 +68,12 @@ class OnlineLinear(nn.Module):
         None when the batch has no labelled row (then nothing changes)."""
         device = self.linear.weight.device
         labels = labels.to(device)
-        keep = labels >= 0
-        if not bool(keep.any()):
-            return None
-        x, y = features.detach()[keep.to(features.device)].to(device, torch.float32), labels[keep].long()
+        x, y = features.detach().to(device, torch.float32), labels.long()
+        if self.skip_unlabelled:
+            keep = labels >= 0
+            if not bool(keep.any()):
+                return None
+            x, y = x[keep], y[keep]
         lr = warmup_cosine(step, total_steps, 0, self.lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
