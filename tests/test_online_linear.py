@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from batchssl.online_linear import OnlineLinear, feature_tap, gather_rows
-from conftest import run_torchrun
+from helpers import run_torchrun
 
 
 def toy(n: int, dim: int = 16, classes: int = 4, seed: int = 0, scale: float = 30.0):
