@@ -122,9 +122,9 @@ def test_table_new_layout_with_several_entries_and_old_knn(tmp_path):
     assert not any(name.startswith("online linear") for name in names)
     assert dict(table)["kNN eval (k=20, T=0.1)"] == "top-1 60.00, top-5 90.00"
     probes = [(n, v) for n, v in table if n.startswith("linear probe")]
-    assert probes == [("linear probe (augmented) [augmented-b]", "top-1 83.00 (lr 1, 50 s)"),
-                      ("linear probe (cached) [cached-c]", "top-1 82.00"),
-                      ("linear probe (cached) [cached-a]", "top-1 81.00 (lr 0.3, 5 s)")]  # latest last
+    assert probes == [("linear probe (augmented)", "top-1 83.00 (lr 1, 50 s)  [augmented-b]"),
+                      ("linear probe (cached)", "top-1 82.00  [cached-c]"),
+                      ("linear probe (cached)", "top-1 81.00 (lr 0.3, 5 s)  [cached-a]")]  # latest last
     assert dict(table)["z-std (last)"].endswith("COLLAPSED?")
 
 

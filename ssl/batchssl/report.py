@@ -82,8 +82,8 @@ def series(metrics: list[dict], key: str) -> tuple[list[float], list[float]]:
 
 
 def _entries(record: dict) -> list[tuple[str | None, dict]]:
-    """A results file's records: the new layout {"entries": {KEY: RECORD}, "latest": KEY} (latest last) or the
-    old single record (key None)."""
+    """A results file's records: the keyed layout {"entries": {KEY: RECORD}, "latest": KEY} (latest last; with
+    several, the table names each one's KEY after its value) or the old single record (key None)."""
     if isinstance(record.get("entries"), dict):
         items = list(record["entries"].items())
         latest = record.get("latest")
@@ -100,10 +100,10 @@ def _knn_rows(record: dict) -> list[tuple[str, str]]:
     entries = _entries(record)
     out = []
     for key, rec in entries:
-        tag = f" [{key}]" if key is not None and len(entries) > 1 else ""
+        tag = f"  [{key}]" if key is not None and len(entries) > 1 else ""  # which settings, when several
         for k, v in rec.get("results", {}).items():
-            out.append((f"kNN eval (k={k}, T={rec.get('temperature', '?')}){tag}",
-                        f"top-1 {_fmt(v.get('top1'))}, top-5 {_fmt(v.get('top5'))}"))
+            out.append((f"kNN eval (k={k}, T={rec.get('temperature', '?')})",
+                        f"top-1 {_fmt(v.get('top1'))}, top-5 {_fmt(v.get('top5'))}{tag}"))
     return out
 
 
@@ -116,14 +116,14 @@ def _probe_rows(record: dict) -> list[tuple[str, str]]:
         for mode, v in results:
             if not isinstance(v, dict):
                 continue
-            tag = f" [{key}]" if key is not None and len(entries) > 1 and key != mode else ""
+            tag = f"  [{key}]" if key is not None and len(entries) > 1 else ""
             extra = []
             if isinstance(v.get("lr"), (int, float)):
                 extra.append(f"lr {v['lr']:g}")
             if isinstance(v.get("seconds"), (int, float)):
                 extra.append(f"{v['seconds']:.0f} s")
-            out.append((f"linear probe ({mode}){tag}",
-                        f"top-1 {_fmt(v.get('top1'))}" + (f" ({', '.join(extra)})" if extra else "")))
+            out.append((f"linear probe ({mode})",
+                        f"top-1 {_fmt(v.get('top1'))}" + (f" ({', '.join(extra)})" if extra else "") + tag))
     return out
 
 
