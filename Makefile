@@ -31,7 +31,7 @@ demo: setup
 	$(VENV)/bin/accelerate launch --num_processes 1 pretrain.py output_dir=$(DEMO_RUN)
 	$(PY) -m knn_eval --run $(DEMO_RUN)
 	$(PY) -m linear_probe --run $(DEMO_RUN)
-	$(PY) -m batchssl.report $(DEMO_RUN)
+	$(PY) -m batchssl.report $(DEMO_RUN) --embedding
 
 test: setup
 	$(PY) -m pytest -q

@@ -61,7 +61,8 @@ def test_config_errors_come_before_torch_is_imported(tmp_path):
     ("data.num_workers=-3", "data.num_workers must be >= 0"),
 ])
 def test_bad_values_are_one_line(override, words, tmp_path):
-    assert words in one_line(run(["pretrain.py", override, f"output_dir={tmp_path}/run"]), "pretrain.py")
+    # The bad value comes last: it is the one that counts.
+    assert words in one_line(run(["pretrain.py", f"output_dir={tmp_path}/run", override]), "pretrain.py")
     assert not (tmp_path / "run").exists()
 
 

@@ -213,6 +213,7 @@ FREE_TO_CHANGE = {
     "checkpoint.every_n_epochs", "checkpoint.keep_last", "checkpoint.resume", "checkpoint.allow_changes",
     "train.log_every_n_steps", "train.log_with",
     "monitor.every_n_epochs", "monitor.k", "monitor.temperature", "monitor.batch_size", "monitor.enabled",
+    "monitor.collapse_fraction", "monitor.collapse_patience",
 }
 FREE_SECTIONS = ()
 

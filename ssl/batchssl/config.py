@@ -129,6 +129,10 @@ class MonitorConfig:
     # A linear head trained every step on the detached backbone features of the training views (labelled rows),
     # scored on the validation split at each monitor call; skipped when the pretraining split has no labels.
     online_linear: bool = True
+    # Collapse alarm: one warning (and collapse_alarm: true in metrics.jsonl) when z_std stays below
+    # collapse_fraction / sqrt(method.proj_dim) for collapse_patience logged steps in a row (batchssl.collapse).
+    collapse_fraction: float = 0.1
+    collapse_patience: int = 20
 
 
 @dataclass
@@ -310,6 +314,8 @@ def validate(cfg: Config) -> None:
         (m.k >= 1, "monitor.k must be >= 1"),
         (_finite(m.temperature) and m.temperature > 0, "monitor.temperature must be > 0"),
         (m.batch_size >= 1, "monitor.batch_size must be >= 1"),
+        (m.collapse_fraction > 0 and _finite(m.collapse_fraction), "monitor.collapse_fraction must be > 0"),
+        (m.collapse_patience >= 1, "monitor.collapse_patience must be >= 1"),
         (_finite(cfg.method.temperature) and cfg.method.temperature > 0, "method.temperature must be > 0"),
         (0 <= cfg.method.momentum <= 1, "method.momentum must be in [0, 1]"),
         (cfg.method.proj_layers >= 2, "method.proj_layers must be >= 2"),

@@ -27,12 +27,14 @@ def plan(cfg: Config, timed_steps: int = 3) -> list[tuple[str, str]]:
     from batchssl.distributed import make_accelerator
     from batchssl.methods import build_method
     from batchssl.optim import apply_lr, build_optimizer, peak_lr, warmup_cosine
-    from batchssl.train import build_pipeline, check_batch, resolve_precision, train_step, uses_channels_last
+    from batchssl.train import (build_pipeline, check_batch, claim_cores, resolve_precision, train_step,
+                                uses_channels_last)
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     check_batch(cfg.train.batch_size, world)
     precision = resolve_precision(cfg.train.mixed_precision)
     accelerator = make_accelerator(mixed_precision=precision)
+    claim_cores(accelerator)
     info = dataset_info(cfg.data)
     pipeline = build_pipeline(cfg, info, accelerator.device, accelerator.process_index, world)
     spe = pipeline.steps_per_epoch

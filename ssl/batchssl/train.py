@@ -114,6 +114,14 @@ def resume_target(cfg: Config, out: Path) -> Path | None:
     return None
 
 
+def claim_cores(accelerator: Accelerator) -> None:
+    """All cores divided among this machine's processes when `accelerate launch` forced one thread each."""
+    threads = use_all_cores(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if threads and accelerator.is_local_main_process:
+        print(f"accelerate launch set 1 CPU thread per process; using {threads} "
+              "(set OMP_NUM_THREADS or --num_cpu_threads_per_process to choose)")
+
+
 def resolve_precision(requested: str) -> str:
     """bf16 on a CPU without native bf16 would be emulated and slower than fp32: say so once, run fp32."""
     on_cpu = not torch.cuda.is_available()
@@ -193,10 +201,7 @@ def train(cfg: Config) -> dict:
     precision = resolve_precision(cfg.train.mixed_precision)
     accelerator = make_accelerator(mixed_precision=precision, log_with=cfg.train.log_with, project_dir=str(out))
     world, rank = accelerator.num_processes, accelerator.process_index
-    threads = use_all_cores(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    if threads and accelerator.is_main_process:
-        print(f"accelerate launch set 1 CPU thread; using {threads} per process "
-              "(set OMP_NUM_THREADS or --num_cpu_threads_per_process to choose)")
+    claim_cores(accelerator)
     check_batch(cfg.train.batch_size, world)
     lock = ckpt.RunLock(out, "pretrain.py").acquire() if accelerator.is_main_process else None
     try:
@@ -248,7 +253,9 @@ def _train(cfg: Config, out: Path, accelerator: Accelerator, world: int, rank: i
     if cfg.train.log_with:
         from batchssl.trackers import tracker_config
 
-        accelerator.init_trackers("batchssl", config=tracker_config(to_dict(cfg)))
+        # W&B would write ./wandb in the working directory otherwise: keep everything in the run directory.
+        accelerator.init_trackers("batchssl", config=tracker_config(to_dict(cfg)),
+                                  init_kwargs={"wandb": {"dir": str(out)}} if cfg.train.log_with == "wandb" else {})
     log = MetricsLog(accelerator, out / "metrics.jsonl", trackers=bool(cfg.train.log_with))
 
     total_steps = cfg.train.epochs * steps_per_epoch
@@ -257,7 +264,7 @@ def _train(cfg: Config, out: Path, accelerator: Accelerator, world: int, rank: i
     eval_dtype = feature_dtype(precision)
     last: dict = {}
     knn_postfix: dict = {}
-    alarm = CollapseAlarm(cfg.method.proj_dim)
+    alarm = CollapseAlarm(cfg.method.proj_dim, cfg.monitor.collapse_fraction, cfg.monitor.collapse_patience)
     # The first non-finite loss (its global step, 0 while none, and its value), tracked on the device.
     first_bad = torch.zeros((), dtype=torch.long, device=accelerator.device)
     first_bad_loss = torch.zeros((), device=accelerator.device)
