@@ -2,6 +2,7 @@
 # One check for a lent GPU machine, under 8 minutes:
 #  1. CIFAR-10-sized training throughput (ResNet-18, CIFAR stem, batch 512) for SimSiam and MoCo v3: fp32,
 #     channels_last, bf16, bf16 + channels_last, without BatchFormer, and real views (DeviceViews);
+#  1b. one CIFAR-10-sized real-data epoch through the device pipeline: its seconds, and real / synthetic steps;
 #  2. a real pretraining run on the GPU in bf16 (Fashion-MNIST subset, 2 epochs, kNN monitor with features in bf16);
 #  3. with two or more GPUs: the 2-process (NCCL) vs 1-process loss check at step 1.
 # Usage: bash benchmarks/gpu_check.sh [FASHION_MNIST_DIR]. The GPU machine's own python3 (with torch) runs it. On
@@ -28,6 +29,9 @@ timeout 100 python3 benchmarks/train_throughput.py --config recipes/fashion_mnis
 timeout 100 python3 benchmarks/train_throughput.py --config recipes/fashion_mnist/mocov3_bf.yaml $CIFAR \
   method.proj_hidden_dim=4096 method.proj_dim=256 method.proj_layers=3 method.temperature=0.2 \
   --real --repeats 3 --steps 10 --warmup 3
+
+echo "== 1b. a CIFAR-10-sized real-data epoch through the device pipeline (50,000 x 32 px, ResNet-18, batch 512, bf16)"
+timeout 120 python3 benchmarks/device_epoch.py --config recipes/cifar10/mocov3_bf.yaml
 
 echo "== 2. real run: pretrain.py in bf16 on the GPU, kNN monitor"
 OUT=$(mktemp -d)
