@@ -99,25 +99,15 @@ def knn_evaluate_predictions(features: SplitFeatures, settings: KnnSettings, num
 _GPU_MAX_K = 2048
 
 
-def knn_classify(
-    bank_feats: Tensor,
-    bank_labels: Tensor,
-    query_feats: Tensor,
-    query_labels: Tensor,
-    ks: Sequence[int] = (20, 200),
-    temperature: float = 0.07,
-    num_classes: int | None = None,
-    batch_size: int = 4096,
-    normalize: bool = True,
-    use_gpu: bool | None = None,
-) -> dict[int, dict[str, float]]:
+def knn_classify(bank_feats: Tensor, bank_labels: Tensor, query_feats: Tensor, query_labels: Tensor,
+                 **options) -> dict[int, dict[str, float]]:
     """Weighted kNN accuracy of `query_feats` against the labelled `bank_feats`, for every k in `ks`.
 
     Returns {k: {"top1": percent, "top5": percent}}. With fewer than 5 classes "top5" is top-C (100 %);
     a k larger than the bank uses the whole bank. `num_classes` defaults to 1 + the largest label seen.
+    Options as knn_classify_predictions: ks, temperature, num_classes, batch_size, normalize, use_gpu.
     """
-    return knn_classify_predictions(bank_feats, bank_labels, query_feats, query_labels, ks, temperature,
-                                    num_classes, batch_size, normalize, use_gpu)[0]
+    return knn_classify_predictions(bank_feats, bank_labels, query_feats, query_labels, **options)[0]
 
 
 def knn_classify_predictions(
