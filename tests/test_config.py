@@ -5,7 +5,7 @@ import pytest
 
 from batchssl.config import DEFAULT_RECIPE, load_config, load_run_config, save_config
 from batchssl.errors import UserError
-from conftest import REPO
+from helpers import REPO
 
 
 def test_default_recipe_is_fashion_mnist_with_batchformer():

@@ -1,6 +1,5 @@
 """batchssl.eval.features.extract_features: one process against a direct forward, modes, autocast, two processes."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -9,19 +8,10 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from batchssl.eval.features import extract_features
-from conftest import run_torchrun
+from helpers import extract_2proc as helper
+from helpers import run_torchrun
 
-HELPER = Path(__file__).parent / "helpers" / "extract_2proc.py"
-
-
-def _load_helper():
-    spec = importlib.util.spec_from_file_location("extract_2proc", HELPER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-helper = _load_helper()
+HELPER = Path(helper.__file__)  # also run under torchrun, by path
 
 
 def _direct_forward(backbone: nn.Module, dataset: TensorDataset) -> torch.Tensor:

@@ -54,8 +54,12 @@ def test_moco_labels_are_offset_by_rank(monkeypatch):
     # each row's logits: [0, 0, 1, 1]; positive at column 2 + i -> CE = -log(e / (2 + 2e)).
     expected = -math.log(math.e / (2 + 2 * math.e)) * 2 * tau
     assert contrastive_loss(q, local_k, tau).item() == pytest.approx(expected, rel=1e-6)
-    # Without the offset the positive would be column i (logit 0), a larger loss: the offset matters here.
-    assert expected < -math.log(1 / (2 + 2 * math.e)) * 2 * tau
+    # The same keys on rank 0: the positives are columns 0..N-1 (rank 0's keys, logit 0), a larger loss, so the
+    # offset decides the value above.
+    monkeypatch.setattr(mocov3, "rank", lambda: 0)
+    without_offset = -math.log(1 / (2 + 2 * math.e)) * 2 * tau
+    assert contrastive_loss(q, local_k, tau).item() == pytest.approx(without_offset, rel=1e-6)
+    assert without_offset > expected
 
 
 def test_moco_momentum_schedule():

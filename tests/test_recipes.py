@@ -15,7 +15,7 @@ from batchssl.config import load_config, to_dict
 from batchssl.data import INFO
 from batchssl.methods import build_method
 from batchssl.optim import build_optimizer, peak_lr
-from conftest import REPO
+from helpers import REPO
 
 RECIPES = sorted((REPO / "recipes").glob("**/*.yaml"))
 GPU_RECIPES = [p for p in RECIPES if p.parent.name != "fashion_mnist"]

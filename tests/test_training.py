@@ -1,10 +1,9 @@
 """Real training runs on a few hundred Fashion-MNIST images: the recipes, resume, bad input."""
 
 import json
+import re
+import shutil
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
@@ -12,7 +11,8 @@ from batchssl.backbones import build_backbone
 from batchssl.checkpoint import complete_checkpoints, load_backbone
 from batchssl.config import load_run_config
 from batchssl.data import dataset_info
-from conftest import REPO, TINY, read_metrics, run_pretrain, step_losses
+from batchssl.train import KILL_AFTER_STEP
+from helpers import TINY, knn_lines, read_metrics, run_pretrain, step_lines
 
 
 @pytest.mark.slow
@@ -36,36 +36,35 @@ def test_fashion_mnist_recipe_runs(recipe, tmp_path):
     load_backbone(backbone, tmp_path / "backbone.safetensors")  # strict: backbone keys only
 
 
+def without_timings(run) -> list[dict]:
+    """metrics.jsonl without the wall-clock numbers, which no two runs share."""
+    return [{k: v for k, v in m.items() if k not in ("images_per_s", "knn_seconds")} for m in read_metrics(run)]
+
+
 @pytest.mark.slow
 def test_resume_after_kill_reproduces_the_uninterrupted_losses(tmp_path):
     args = ["--config", "recipes/fashion_mnist/simsiam_bf.yaml", *TINY, "train.epochs=3",
             "checkpoint.every_n_epochs=1", "checkpoint.keep_last=5", "monitor.every_n_epochs=1"]
-    run_pretrain([*args, f"output_dir={tmp_path / 'straight'}"])
-    straight = step_losses(tmp_path / "straight")
-    assert sorted(straight) == list(range(1, 13))
+    straight = tmp_path / "straight"
+    run_pretrain([*args, f"output_dir={straight}"])
+    assert step_lines(straight) == list(range(1, 13))  # 256 images / 64 = 4 steps an epoch
 
-    # Kill -9 as soon as the first epoch's checkpoint is complete, then rerun the very same command.
+    # The trainer kills itself (SIGKILL) right after logging step 6: the middle of epoch 2, after epoch 1's kNN
+    # line and checkpoint. Then the very same command again.
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "pretrain.py", *args, f"output_dir={killed}"], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not complete_checkpoints(killed) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    resumed_from = complete_checkpoints(killed)
-    assert resumed_from and resumed_from[-1].name != "epoch_0003"  # killed before the end
+    result = run_pretrain([*args, f"output_dir={killed}"], check=False, env={KILL_AFTER_STEP: "6"})
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    assert step_lines(killed) == list(range(1, 7)) and [e for e, *_ in knn_lines(killed)] == [1]
+    assert [p.name for p in complete_checkpoints(killed)] == ["epoch_0001"]
+
     result = run_pretrain([*args, f"output_dir={killed}"])
-    assert f"resumed from {resumed_from[-1]}" in result.stdout + result.stderr
-    again = step_losses(killed)
-    assert sorted(again) == list(range(1, 13))  # lines of the interrupted epoch were replaced, not repeated
-    assert again == straight  # exactly equal, step by step (the monitor's random draws included)
-    assert [e for e, _ in knn_lines(killed)] == [1, 2, 3]  # each epoch's kNN line once, the checkpointed one's too
-    assert knn_lines(killed) == knn_lines(tmp_path / "straight")
-
-
-def knn_lines(run) -> list[tuple[int, float]]:
-    return [(m["epoch"], m["knn_top1"]) for m in read_metrics(run) if "knn_top1" in m]
+    resumed = [line for line in result.stdout.splitlines() if line.startswith("resumed from")]
+    assert resumed == [f"resumed from {killed / 'checkpoints' / 'epoch_0001'} (epoch 1)"]
+    # Steps 5 and 6 were logged again, not twice; each epoch's kNN line once, the checkpointed epoch's too.
+    assert step_lines(killed) == list(range(1, 13))
+    assert [e for e, *_ in knn_lines(killed)] == [1, 2, 3]
+    # Exactly the uninterrupted run, line by line: losses, lr, z_std, loss_bf, kNN (the monitor's draws included).
+    assert without_timings(killed) == without_timings(straight)
 
 
 def _one_line_error(result) -> str:
@@ -75,37 +74,54 @@ def _one_line_error(result) -> str:
     return lines[-1]
 
 
+@pytest.fixture(scope="module")
+def one_epoch(tmp_path_factory):
+    """A finished one-epoch run without the monitor; each test below resumes a copy of it in a way that must fail."""
+    run = tmp_path_factory.mktemp("one_epoch")
+    run_pretrain([*TINY, "monitor.enabled=false", f"output_dir={run}"])
+    return run
+
+
+def resume_args(one_epoch, out, *changes) -> list[str]:
+    """A copy of the one-epoch run in `out` and the command that resumes it with `changes`. allow_changes lets
+    the run get past the check of changed settings (tests/test_bad_input.py) to the failure under test."""
+    shutil.copytree(one_epoch, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".lock"))
+    return [*TINY, "monitor.enabled=false", f"output_dir={out}", "checkpoint.allow_changes=true", *changes]
+
+
 @pytest.mark.slow
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    args = [*TINY, "monitor.enabled=false", f"output_dir={tmp_path}"]
-    run_pretrain(args)
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(one_epoch, tmp_path):
+    args = resume_args(one_epoch, tmp_path, "train.epochs=3", "optim.base_lr=1e38")
     good = (tmp_path / "checkpoints" / "epoch_0001" / "model.safetensors").read_bytes()
-    result = run_pretrain([*args, "train.epochs=3", "optim.base_lr=1e38"], check=False)
-    line = _one_line_error(result)
-    assert "loss is nan at step" in line or "loss is inf at step" in line
-    assert "epoch_0001" in line
+    line = _one_line_error(run_pretrain(args, check=False))
+    found = re.search(r"loss is (nan|inf) at step (\d+) \(epoch (\d+)\)", line)
+    assert found, line
+    step, epoch = int(found[2]), int(found[3])
+    assert 5 <= step <= 12 and epoch == (step - 1) // 4 + 1  # a step after the resumed checkpoint, its epoch
+    assert f"Newest good checkpoint: {tmp_path / 'checkpoints' / 'epoch_0001'}." in line
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["epoch_0001"]
     assert (tmp_path / "checkpoints" / "epoch_0001" / "model.safetensors").read_bytes() == good
 
 
 @pytest.mark.slow
-def test_resuming_another_architecture_or_method_is_refused(tmp_path):
-    args = [*TINY, "monitor.enabled=false", f"output_dir={tmp_path}"]
-    run_pretrain(args)
-    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    for change, word in [("model.width=0.5", "width"), ("method.name=simsiam", "method")]:
-        line = _one_line_error(run_pretrain([*args, "train.epochs=2", change], check=False))
-        assert "written for another model" in line and word in line
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+def test_resuming_another_architecture_or_method_is_refused(one_epoch, tmp_path):
+    for name, change, difference in [("width", "model.width=0.5", "width: checkpoint 0.25 vs run 0.5"),
+                                     ("method", "method.name=simsiam", "method: checkpoint 'mocov3' vs run 'simsiam'")]:
+        out = tmp_path / name
+        args = resume_args(one_epoch, out, "train.epochs=2", change)
+        before = sorted(p.name for p in (out / "checkpoints").iterdir())
+        line = _one_line_error(run_pretrain(args, check=False))
+        assert "written for another model" in line and difference in line
+        assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
 
 
 @pytest.mark.slow
-def test_broken_checkpoint_is_one_line(tmp_path):
-    args = [*TINY, "monitor.enabled=false", f"output_dir={tmp_path}"]
-    run_pretrain(args)
+def test_broken_checkpoint_is_one_line(one_epoch, tmp_path):
+    args = resume_args(one_epoch, tmp_path, "train.epochs=2")
     (tmp_path / "checkpoints" / "epoch_0001" / "model.safetensors").write_bytes(b"not a safetensors file")
-    line = _one_line_error(run_pretrain([*args, "train.epochs=2"], check=False))
-    assert "is damaged" in line and "start afresh in another output_dir" in line
+    line = _one_line_error(run_pretrain(args, check=False))
+    assert f"checkpoint {tmp_path / 'checkpoints' / 'epoch_0001'} is damaged" in line
+    assert "start afresh in another output_dir" in line
 
 
 def test_half_written_checkpoint_is_ignored(tmp_path):

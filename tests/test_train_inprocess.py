@@ -1,0 +1,119 @@
+"""batchssl.train.train() in this process on a small in-memory fake dataset (no subprocess, no Fashion-MNIST files):
+the run directory it leaves is the contract the evaluators, resume and the report rely on."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+
+import batchssl.data as data
+from batchssl.backbones import build_backbone
+from batchssl.checkpoint import complete_checkpoints, load_backbone, load_backbone_weights, model_signature, read_state
+from batchssl.config import load_config, load_run_config, to_dict
+from batchssl.optim import peak_lr, warmup_cosine
+from helpers import REPO, read_metrics
+
+NUM_IMAGES = {"pretrain": 32, "train": 32, "test": 32}
+
+
+def fake_split(cfg, split):
+    """Random uint8 28 x 28 images, labels 0..9 in turn; the training split (pretraining and the kNN bank) and the
+    test split are different images."""
+    rng = np.random.default_rng(1 if split == "test" else 0)
+    n = NUM_IMAGES[split]
+    return data.ArrayImages(rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), np.arange(n) % 10)
+
+
+@pytest.fixture
+def fake_fashion_mnist(monkeypatch):
+    """batchssl.data.load_split serves fake_split: the pretraining images (in_memory_pretrain_images) and the
+    monitor's bank and queries (eval_datasets) both come through it. Returns the splits asked for."""
+    asked = []
+
+    def load_split(cfg, split):
+        asked.append(split)
+        return fake_split(cfg, split)
+
+    monkeypatch.setattr(data, "load_split", load_split)
+    return asked
+
+
+@pytest.fixture
+def own_process_state():
+    """train() sets up Accelerate's process-wide state and reseeds torch: start from none, leave none behind.
+    One thread meanwhile: the tensors are tiny, and a second OpenMP thread only waits on a busy machine."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with torch.random.fork_rng():
+        yield
+    torch.set_num_threads(threads)
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_train_in_process_writes_the_run_directory(tmp_path, fake_fashion_mnist, own_process_state):
+    from batchssl.train import train
+
+    run = tmp_path / "run"
+    # The default recipe (MoCo v3 + BatchFormer), shrunk to take seconds: 32 images of 16 px in batches of 16
+    # (2 steps an epoch), a 1/8-width ResNet-18 with small heads. Checkpoints and the kNN monitor every epoch as in
+    # the recipe; keep_last=1 so the older checkpoint must be pruned. Loader workers stay the recipe's (the
+    # monitor extracts its features through them).
+    cfg = load_config(REPO / "recipes" / "fashion_mnist" / "mocov3_bf.yaml", [
+        "train.epochs=2", "train.batch_size=16", "train.log_every_n_steps=1", "data.image_size=16",
+        "model.width=0.125", "method.proj_hidden_dim=64", "method.proj_dim=32", "checkpoint.keep_last=1",
+        "monitor.k=20", "monitor.batch_size=16", f"output_dir={run}"])
+    assert cfg.data.num_workers >= 1 and cfg.checkpoint.every_n_epochs == cfg.monitor.every_n_epochs == 1
+
+    last = train(cfg)
+    assert {"pretrain", "train", "test"} <= set(fake_fashion_mnist)  # nothing was read from disk
+
+    # metrics.jsonl: every step once, in order, with the schedule's lr and what MoCo v3 + BatchFormer log;
+    # one kNN line after each epoch, at that epoch's last step.
+    metrics = read_metrics(run)
+    steps = [m for m in metrics if "loss" in m]
+    assert [(m["epoch"], m["step"]) for m in steps] == [(1, 1), (1, 2), (2, 3), (2, 4)]
+    peak, warmup = peak_lr(cfg), round(cfg.optim.warmup_epochs * 2)
+    for m in steps:
+        assert {"loss", "loss_main", "loss_bf", "momentum", "z_std", "lr", "images_per_s"} <= set(m)
+        assert math.isfinite(m["loss"]) and m["loss"] == pytest.approx(m["loss_main"] + m["loss_bf"], rel=1e-5)
+        assert m["lr"] == warmup_cosine(m["step"] - 1, 4, warmup, peak)
+    knn = [m for m in metrics if "knn_top1" in m]
+    assert [(m["epoch"], m["step"], m["knn_k"]) for m in knn] == [(1, 2, 20), (2, 4, 20)]
+    assert [m for m in metrics if "loss" not in m and "knn_top1" not in m] == []
+    assert last == {**steps[-1], **{k: v for k, v in knn[-1].items() if k not in ("epoch", "step")}}
+
+    # The newest checkpoint only (keep_last=1), with the trainer's state.
+    assert [p.name for p in complete_checkpoints(run)] == ["epoch_0002"]
+    assert read_state(run / "checkpoints" / "epoch_0002") == {"epoch": 2, "step": 4,
+                                                              "model_signature": model_signature(cfg)}
+    assert not list((run / "checkpoints").glob(".tmp*"))
+
+    # backbone.safetensors: exactly the backbone's keys (strict load), the weights of the last checkpoint.
+    info = data.dataset_info(cfg.data)
+    backbone, _ = build_backbone(cfg.model, info.in_channels, info.image_size)
+    load_backbone(backbone, run / "backbone.safetensors")
+    from safetensors.torch import load_file
+
+    saved = load_file(str(run / "checkpoints" / "epoch_0002" / "model.safetensors"))
+    exported = load_backbone_weights(run / "backbone.safetensors")
+    assert exported.keys() == {k.removeprefix("backbone.") for k in saved if k.startswith("backbone.")}
+    assert all(torch.equal(v, saved[f"backbone.{k}"]) for k, v in exported.items())
+
+    # config.yaml is the config that ran; config_history.jsonl holds it once, as a fresh start.
+    assert load_run_config(run) == cfg
+    history = [json.loads(line) for line in (run / "config_history.jsonl").read_text().splitlines()]
+    assert len(history) == 1 and history[0]["resumed_from"] is None and history[0]["config"] == to_dict(cfg)
+
+    # The monitor's last number is the kNN score of the exported backbone, computed as the evaluator does.
+    from batchssl.eval.frozen import FrozenSource, load_frozen
+    from batchssl.eval.knn import KnnSettings, knn_evaluate, split_features
+
+    frozen = load_frozen(FrozenSource(run=str(run)))
+    settings = KnnSettings(ks=(20,), temperature=cfg.monitor.temperature, batch_size=16)
+    scores = knn_evaluate(split_features(frozen.backbone, *frozen.eval_splits(), settings, frozen.accelerator,
+                                         frozen.dtype), settings, frozen.info.num_classes)
+    assert (scores[20]["top1"], scores[20]["top5"]) == (knn[-1]["knn_top1"], knn[-1]["knn_top5"])
