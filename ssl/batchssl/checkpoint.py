@@ -104,7 +104,7 @@ def load_checkpoint(accelerator, path: Path, cfg: Config) -> dict:
     except (RuntimeError, SafetensorError, OSError, KeyError, ValueError, EOFError) as err:
         # The signature matched, so the model fits: the files themselves are damaged.
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        older = [p for p in complete_checkpoints(path.parent) if p != path]
+        older = [p for p in complete_checkpoints(path.parent.parent) if p != path]  # <run>/checkpoints/epoch_N
         way_out = (f"resume from the previous one with checkpoint.resume={older[-1]}" if older
                    else "no older checkpoint is left: start afresh in another output_dir")
         raise UserError(f"checkpoint {path} is damaged ({first[:200]}); {way_out}") from None
