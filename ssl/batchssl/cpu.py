@@ -54,14 +54,16 @@ def accelerate_forced_one_thread() -> bool:
     return False
 
 
-def use_all_cores(local_processes: int) -> int | None:
+def use_all_cores(local_processes: int, loader_workers: int = 0) -> int | None:
     """Give this process its share of the cores when accelerate launch forced one thread; returns the new
-    thread count, or None when the user's (or the launcher's) setting stands."""
+    thread count, or None when the user's (or the launcher's) setting stands. Loader workers that run beside the
+    training step (data.pipeline workers) take their cores out of the share: OpenMP threads that lose their core
+    to a busy worker stall at every barrier."""
     import torch
 
     if not accelerate_forced_one_thread():
         return None
-    threads = max(1, (os.cpu_count() or 1) // max(1, local_processes))
+    threads = max(1, (os.cpu_count() or 1) // max(1, local_processes) - loader_workers)
     torch.set_num_threads(threads)
     os.environ["OMP_NUM_THREADS"] = str(threads)  # for anything the trainer starts (FAISS reads it too)
     return threads

@@ -34,7 +34,7 @@ def plan(cfg: Config, timed_steps: int = 3) -> list[tuple[str, str]]:
     check_batch(cfg.train.batch_size, world)
     precision = resolve_precision(cfg.train.mixed_precision)
     accelerator = make_accelerator(mixed_precision=precision)
-    claim_cores(accelerator)
+    claim_cores(cfg, accelerator)
     info = dataset_info(cfg.data)
     pipeline = build_pipeline(cfg, info, accelerator.device, accelerator.process_index, world)
     spe = pipeline.steps_per_epoch

@@ -114,9 +114,11 @@ def resume_target(cfg: Config, out: Path) -> Path | None:
     return None
 
 
-def claim_cores(accelerator: Accelerator) -> None:
-    """All cores divided among this machine's processes when `accelerate launch` forced one thread each."""
-    threads = use_all_cores(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+def claim_cores(cfg: Config, accelerator: Accelerator) -> None:
+    """All cores divided among this machine's processes when `accelerate launch` forced one thread each (less
+    the loader workers that run beside the step, with data.pipeline workers)."""
+    workers = cfg.data.num_workers if uses_loader_workers(cfg) else 0
+    threads = use_all_cores(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), workers)
     if threads and accelerator.is_local_main_process:
         print(f"accelerate launch set 1 CPU thread per process; using {threads} "
               "(set OMP_NUM_THREADS or --num_cpu_threads_per_process to choose)")
@@ -148,6 +150,11 @@ def build_pipeline(cfg: Config, info, device: torch.device, rank: int, world: in
                             "use data.pipeline=workers (or auto)")
     return WorkerPipeline(cfg, info, pretrain_dataset(cfg.data), device, rank, world,
                           channels_last=uses_channels_last(cfg))
+
+
+def uses_loader_workers(cfg: Config) -> bool:
+    """Whether the views come from loader workers (data.pipeline workers, or a dataset read from disk)."""
+    return cfg.data.pipeline == "workers" or cfg.data.name == "imagefolder"
 
 
 def uses_channels_last(cfg: Config) -> bool:
@@ -201,7 +208,7 @@ def train(cfg: Config) -> dict:
     precision = resolve_precision(cfg.train.mixed_precision)
     accelerator = make_accelerator(mixed_precision=precision, log_with=cfg.train.log_with, project_dir=str(out))
     world, rank = accelerator.num_processes, accelerator.process_index
-    claim_cores(accelerator)
+    claim_cores(cfg, accelerator)
     check_batch(cfg.train.batch_size, world)
     lock = ckpt.RunLock(out, "pretrain.py").acquire() if accelerator.is_main_process else None
     try:
