@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, TINY
+from helpers import REPO, TINY
 
 
 @pytest.mark.slow
