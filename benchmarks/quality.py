@@ -26,6 +26,7 @@ for equal time on the 2-core reference machine, run one at a time.
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import statistics
 import subprocess
@@ -38,6 +39,11 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = ["simsiam", "simsiam_bf", "mocov3", "mocov3_bf"]
+
+
+# Each job's threads: its share of the cores (jobs running at once on a CPU would otherwise oversubscribe it, and
+# OpenMP threads that lose their core stall at every barrier), unless OMP_NUM_THREADS is set.
+JOB_ENV = dict(os.environ)
 
 
 def run_dir(out: Path, recipe: str, tag: str, seed: int) -> Path:
@@ -54,19 +60,28 @@ def pretrain(recipe: str, seed: int, directory: Path, overrides: list[str]) -> f
     print(f"$ {' '.join(cmd)}", flush=True)  # one string: runs started at once must not interleave it
     start = time.perf_counter()
     with open(directory.parent / f"{directory.name}.log", "w") as log:  # beside the run: its errors, if any
-        subprocess.run(cmd, cwd=REPO, check=True, stdout=log, stderr=subprocess.STDOUT)
+        subprocess.run(cmd, cwd=REPO, check=True, stdout=log, stderr=subprocess.STDOUT, env=JOB_ENV)
     seconds = time.perf_counter() - start
     timing.write_text(json.dumps({"pretrain_seconds": seconds}))
     return seconds
 
 
+def cached_probe_top1(path: Path) -> float | None:
+    """The default cached probe's top-1 in a run's linear_probe.json (entries keyed by settings), if there."""
+    if not path.is_file():
+        return None
+    entries = json.loads(path.read_text()).get("entries", {})
+    cached = [e for e in entries.values() if e.get("mode") == "cached"]
+    return cached[-1]["top1"] if cached else None
+
+
 def linear_probe(directory: Path) -> float:
     path = directory / "linear_probe.json"
-    if not (path.is_file() and "cached" in json.loads(path.read_text())):
+    if cached_probe_top1(path) is None:
         with open(directory.parent / f"{directory.name}.log", "a") as log:  # after the pretraining's output
-            subprocess.run([sys.executable, "-m", "linear_probe", "--run", str(directory)], cwd=REPO, check=True,
+            subprocess.run([sys.executable, "-m", "linear_probe", "--run", str(directory)], cwd=REPO, check=True, env=JOB_ENV,
                            stdout=log, stderr=subprocess.STDOUT)
-    return json.loads(path.read_text())["cached"]["top1"]
+    return cached_probe_top1(path)
 
 
 def monitor_curve(directory: Path) -> list[tuple[int, float]]:
@@ -146,6 +161,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "quality"))
     args = parser.parse_args()
 
+    if args.jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
+        JOB_ENV["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
     out = Path(args.out) / (f"holdout{args.holdout}" if args.holdout else "test")
     out.mkdir(parents=True, exist_ok=True)
     overrides = [*args.set] + ([f"data.holdout={args.holdout}"] if args.holdout else [])

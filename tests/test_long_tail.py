@@ -17,7 +17,7 @@ from batchssl.errors import UserError
 from batchssl.eval.knn import (KnnSettings, SplitFeatures, knn_classify, knn_classify_predictions, knn_evaluate,
                                knn_evaluate_predictions)
 from batchssl.eval.per_class import frequency_groups, knn_frequency_metrics, per_class_report
-from conftest import REPO
+from helpers import REPO
 
 # int(6000 * 100^(-c / 9)) for c = 0..9, by hand: 100^(-1/9) = 0.599484, so 6000, 3596.9, 2156.3, 1292.6, 774.6,
 # 464.2, 278.3, 166.8, 100.0, 60.0, truncated as Cao et al.'s CIFAR-10-LT code does.
@@ -263,10 +263,11 @@ def test_knn_and_linear_probe_clis_report_the_new_keys(tmp_path):
                                 text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
     counts = pretrain_class_counts(DataConfig(name="fashion_mnist", limit=600, imbalance_ratio=10))
-    knn = json.loads((tmp_path / "knn.json").read_text())
-    entry = knn["results"]["20"] if "results" in knn else next(iter(knn.values()))["results"]["20"]
+    knn = json.loads((tmp_path / "knn.json").read_text())  # {"entries": {settings: record}, "latest": settings}
+    entry = knn["entries"][knn["latest"]]["results"]["20"]
     probe = json.loads((tmp_path / "linear_probe.json").read_text())
-    probe = probe.get("cached") or next(v for v in probe.values() if isinstance(v, dict) and "top1" in v)
+    probe = probe["entries"][probe["latest"]]
+    assert probe["mode"] == "cached"
     for record in (entry, probe):
         assert len(record["per_class"]) == 10 and {"many", "medium", "few", "class_std"} <= record.keys()
         groups = frequency_groups(counts)

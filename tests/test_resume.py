@@ -4,6 +4,7 @@ command: the per-step losses, the kNN lines and the final backbone equal the uni
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,7 +35,10 @@ def knn_lines(run) -> list[tuple[int, float]]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe, extra", [
-    ("simsiam", []), ("simsiam_bf", []), ("mocov3", []), ("mocov3_bf", []),
+    # The four Fashion-MNIST recipes share their loader settings (data.pipeline auto -> views on the device,
+    # data.num_workers 1 for the monitor): both methods, with and without BatchFormer (its dropout draws random
+    # numbers), are covered by these two and by the stress test below (simsiam_bf).
+    ("simsiam", []), ("mocov3_bf", []),
     # The lightly path in a loader worker (ImageFolder's pipeline), where BatchFormer's dropout once drifted.
     ("simsiam_bf", ["data.pipeline=workers", "data.num_workers=1"]),
 ])
@@ -84,17 +88,22 @@ def test_ten_random_kills_end_bit_identical(tmp_path):
     run = tmp_path / "killed"
     rng = random.Random(0)  # the moments vary with the machine's speed; the assertion holds for any of them
     kills = 0
-    for _ in range(10):
+    attempts = 0
+    while kills < 10 and attempts < 30:  # 10 real kills; a rerun that resumes late may finish before its moment
+        attempts += 1
         proc = subprocess.Popen([sys.executable, "pretrain.py", *args, f"output_dir={run}"], cwd=REPO,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            proc.wait(timeout=rng.uniform(0.2, 1.0) * duration)
+            proc.wait(timeout=rng.uniform(0.1, 0.9) * duration)
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             kills += 1
+        else:  # it completed: start over in a fresh directory, so the next kills hit a run again
+            assert step_losses(run) == step_losses(tmp_path / "straight")
+            shutil.rmtree(run)
     pretrain([*args, f"output_dir={run}"])
-    assert kills >= 8  # most attempts were really interrupted
+    assert kills == 10
     assert step_losses(run) == step_losses(tmp_path / "straight")
     assert knn_lines(run) == knn_lines(tmp_path / "straight")
     assert (run / "backbone.safetensors").read_bytes() == (tmp_path / "straight" / "backbone.safetensors").read_bytes()

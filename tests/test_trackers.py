@@ -1,12 +1,15 @@
 """train.log_with=tensorboard: the flattened config TensorBoard accepts, and a real run's scalars read back."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 
 from batchssl.config import Config, to_dict
 from batchssl.trackers import read_scalars, tracker_config
-from helpers import TINY, read_metrics, run_pretrain
+from helpers import REPO, TINY, read_metrics, run_pretrain
 
 
 def test_tracker_config_flattens_to_scalars():
@@ -72,3 +75,16 @@ def test_tensorboard_run_logs_every_metric(tmp_path):
                 continue
             logged = dict(scalars[key])
             assert math.isclose(logged[record["step"]], value, rel_tol=1e-6, abs_tol=1e-6), key
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_writes_its_files_into_the_run_directory(tmp_path):
+    """W&B through Accelerate's tracker, offline (no network here). wandb is an optional extra (about 100 MB of
+    dependencies), not installed by `make setup`: this test runs where it is installed (pip install -e .[wandb])."""
+    pytest.importorskip("wandb")
+    result = subprocess.run([sys.executable, "pretrain.py", *TINY, "train.log_with=wandb", f"output_dir={tmp_path}"],
+                            cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))

@@ -76,3 +76,11 @@ def native_bf16() -> bool:
 
     checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return any(check() for check in checks if check is not None)
+
+
+def effective_precision(requested: str, on_cpu: bool) -> str:
+    """The precision a run really uses: bf16 on a CPU without native bf16 would be emulated and slower than fp32,
+    so it runs fp32 ('no'). The trainer, its monitor and the evaluators all go through this, so they agree."""
+    if requested == "bf16" and on_cpu and not native_bf16():
+        return "no"
+    return requested

@@ -30,7 +30,7 @@ from batchssl import checkpoint as ckpt
 from batchssl.backbones import build_backbone
 from batchssl.collapse import CollapseAlarm
 from batchssl.config import Config, to_dict
-from batchssl.cpu import native_bf16, tune_malloc, use_all_cores
+from batchssl.cpu import effective_precision, tune_malloc, use_all_cores
 from batchssl.data import dataset_info, pretrain_dataset, sample_seed
 from batchssl.distributed import convert_sync_batchnorm, init_model_group, make_accelerator
 from batchssl.errors import NonFiniteLossError, UserError
@@ -127,7 +127,7 @@ def claim_cores(cfg: Config, accelerator: Accelerator) -> None:
 def resolve_precision(requested: str) -> str:
     """bf16 on a CPU without native bf16 would be emulated and slower than fp32: say so once, run fp32."""
     on_cpu = not torch.cuda.is_available()
-    if requested == "bf16" and on_cpu and not native_bf16():
+    if effective_precision(requested, on_cpu) != requested:
         if os.environ.get("RANK", "0") == "0":
             print("train.mixed_precision=bf16: this CPU has no native bf16 (AVX512-BF16 / AMX); training in fp32")
         return "no"

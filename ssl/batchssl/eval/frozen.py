@@ -14,6 +14,7 @@ from batchssl.augment import eval_transform
 from batchssl.backbones import build_backbone
 from batchssl.checkpoint import BACKBONE_FILE, load_backbone
 from batchssl.config import Config, apply_overrides, build_config, load_run_config, to_dict
+from batchssl.cpu import effective_precision
 from batchssl.data import DatasetInfo, Transformed, dataset_info, eval_datasets
 from batchssl.distributed import make_accelerator
 from batchssl.errors import UserError
@@ -79,7 +80,9 @@ def load_frozen(source: FrozenSource) -> Frozen:
     backbone, feature_dim = build_backbone(cfg.model, info.in_channels, info.image_size)
     load_backbone(backbone, weights)
     accelerator = make_accelerator()
-    dtype = feature_dtype(cfg.train.mixed_precision if source.precision == "auto" else source.precision)
+    # auto: the precision the run really trained and monitored in (bf16 falls back to fp32 on CPUs without it)
+    run_precision = effective_precision(cfg.train.mixed_precision, accelerator.device.type == "cpu")
+    dtype = feature_dtype(run_precision if source.precision == "auto" else source.precision)
     backbone = backbone.requires_grad_(False).eval().to(accelerator.device)
     return Frozen(backbone, feature_dim, cfg, info, out_dir, accelerator, dtype)
 
