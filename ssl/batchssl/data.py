@@ -138,6 +138,13 @@ class TwoViews(Dataset):
         return views, label
 
 
+def epoch_order(size: int, global_batch: int, seed: int, epoch: int) -> torch.Tensor:
+    """The image indices of epoch `epoch`: a permutation seeded by (seed, epoch), cut to whole global batches.
+    Both view pipelines deal it (batchssl.pipeline), so they meet the same images at the same steps."""
+    generator = torch.Generator().manual_seed(sample_seed(seed, epoch))
+    return torch.randperm(size, generator=generator)[: size // global_batch * global_batch]
+
+
 class EpochShardSampler(Sampler):
     """Yields (epoch, index) for this process: a permutation seeded by (seed, epoch), dealt out rank::world.
 
@@ -160,8 +167,7 @@ class EpochShardSampler(Sampler):
         return self.steps_per_epoch() * self.global_batch // self.world
 
     def __iter__(self):
-        generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch))
-        order = torch.randperm(self.size, generator=generator)[: self.steps_per_epoch() * self.global_batch]
+        order = epoch_order(self.size, self.global_batch, self.seed, self.epoch)
         for index in order[self.rank :: self.world].tolist():
             yield (self.epoch, index)
 

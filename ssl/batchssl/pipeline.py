@@ -22,13 +22,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from batchssl.config import Config
-from batchssl.data import DatasetInfo, EpochShardSampler, TwoViews, sample_seed
-
-
-def epoch_order(size: int, global_batch: int, seed: int, epoch: int) -> Tensor:
-    """The image indices of epoch `epoch`, cut to whole global batches: the order EpochShardSampler deals."""
-    generator = torch.Generator().manual_seed(sample_seed(seed, epoch))
-    return torch.randperm(size, generator=generator)[: size // global_batch * global_batch]
+from batchssl.data import DatasetInfo, EpochShardSampler, TwoViews, epoch_order
 
 
 class DevicePipeline:
