@@ -77,8 +77,22 @@ def test_holdout_then_limit_then_long_tail():
     assert counts[1:] == long_tail_counts(556, 10, 100)[1:] and counts[0] == 457
 
 
+def test_pretrain_limit_cuts_pretraining_only():
+    # the balanced twin: the first N pretraining images (after holdout and limit), the bank and the probes untouched
+    cfg = DataConfig(name="fashion_mnist", holdout=10000, limit=30000, pretrain_limit=14886)
+    images, labels = in_memory_pretrain_images(cfg)
+    all_images, all_labels = in_memory_pretrain_images(DataConfig(name="fashion_mnist"))
+    assert np.array_equal(images, all_images[:14886]) and np.array_equal(labels, all_labels[:14886])
+    assert sum(pretrain_class_counts(cfg)) == len(pretrain_dataset(cfg)) == 14886
+    train, val = eval_datasets(cfg)
+    assert (len(train), len(val)) == (30000, 10000)
+    # before the long-tailed cut, like limit: n_max is measured on the first 5000 (class 1 has 556 of them)
+    counts = pretrain_class_counts(DataConfig(name="fashion_mnist", imbalance_ratio=100, pretrain_limit=5000))
+    assert counts[1:] == long_tail_counts(556, 10, 100)[1:]
+
+
 def test_balanced_evaluation_splits_are_untouched():
-    for extra in ({}, {"holdout": 1000}, {"limit": 3000, "val_limit": 500}):
+    for extra in ({}, {"holdout": 1000}, {"limit": 3000, "val_limit": 500}, {"pretrain_limit": 2000}):
         lt_train, lt_val = eval_datasets(DataConfig(name="fashion_mnist", imbalance_ratio=100, **extra))
         train, val = eval_datasets(DataConfig(name="fashion_mnist", **extra))
         assert (len(lt_train), len(lt_val)) == (len(train), len(val))
@@ -139,7 +153,8 @@ def test_lt_recipes_are_their_twins_plus_the_ratio():
         balanced = path.with_name(path.stem + "_balanced.yaml")
         if balanced.is_file():  # Fashion-MNIST: the balanced run of the LT split's size
             b, lt_cfg = load_config(balanced), load_config(path)
-            assert b.data.imbalance_ratio == 1 and b.data.limit == sum(pretrain_class_counts(lt_cfg.data))
+            assert b.data.imbalance_ratio == 1 and b.data.limit is None
+            assert b.data.pretrain_limit == sum(pretrain_class_counts(lt_cfg.data))
             assert to_dict(b)["train"] == to_dict(lt_cfg)["train"]
         if path.stem.endswith("_bf_lt"):  # BatchFormer twins differ in BatchFormer only
             plain = to_dict(load_config(path.with_name(path.stem.replace("_bf_lt", "_lt") + ".yaml")))

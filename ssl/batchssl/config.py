@@ -39,6 +39,9 @@ class DataConfig:
     # Long-tailed pretraining split: class c of C keeps its first int(n_max * ratio^(-c / (C - 1))) images
     # (the CIFAR-10-LT convention). 1: balanced. Evaluation splits stay balanced.
     imbalance_ratio: float = 1.0
+    # Pretraining only: its first N images (after holdout and limit, before the long-tailed cut); the kNN bank and
+    # the probes keep theirs. The balanced twin of a long-tailed run: the same number of images, the same bank.
+    pretrain_limit: Optional[int] = None
 
 
 @dataclass
@@ -295,6 +298,7 @@ def validate(cfg: Config) -> None:
          "train.max_grad_norm must be a positive number or null"),
         (d.limit is None or d.limit >= 1, "data.limit must be >= 1"),
         (d.val_limit is None or d.val_limit >= 1, "data.val_limit must be >= 1"),
+        (d.pretrain_limit is None or d.pretrain_limit >= 1, "data.pretrain_limit must be >= 1"),
         (d.holdout >= 0, "data.holdout must be >= 0"),
         (d.num_workers >= 0, "data.num_workers must be >= 0"),
         (d.image_size is None or d.image_size >= 8, "data.image_size must be >= 8 pixels or null"),

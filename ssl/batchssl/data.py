@@ -2,11 +2,11 @@
 
 Every base dataset returns (PIL image, int label). Splits:
 - pretraining: the training split (STL-10: train+unlabeled), minus `data.holdout`, first `data.limit` images,
-  then, with `data.imbalance_ratio` > 1, the long-tailed cut (see `long_tail_rows`);
+  first `data.pretrain_limit` images, then, with `data.imbalance_ratio` > 1, the long-tailed cut (see `long_tail_rows`);
 - kNN bank / probe training: the labelled training split minus the holdout, first `data.limit` images;
 - validation: the held-out tail of the training split when `data.holdout > 0`, else the test split; first
   `data.val_limit` images.
-The bank, the probes and the validation split never see the long-tailed cut: they stay balanced.
+The bank, the probes and the validation split never see the long-tailed cut or `pretrain_limit`: they stay balanced.
 """
 
 from __future__ import annotations
@@ -349,14 +349,14 @@ def _check_long_tail(cfg: DataConfig) -> None:
 def _pretrain_rows(cfg: DataConfig) -> tuple[Dataset, np.ndarray]:
     """(base dataset, its rows that form the pretraining split, in order).
 
-    Order of the cuts: holdout, then `limit`, then the long-tailed cut.
+    Order of the cuts: holdout, then `limit`, then `pretrain_limit`, then the long-tailed cut.
     - holdout first: the held-out images are the validation split, never pretrained on, whatever the ratio.
     - `limit` before the long tail: `limit` keeps one meaning for every split ("the run uses only the first N
       training images"), so the pretraining images are a subset of the kNN bank's, and the cut then gives the
       exact ratio profile at any size (n_max measured on the limited split). Cutting first and limiting after
       would flatten the profile: the tail classes keep their first images in dataset order, which lie near the
       front, so e.g. the first 5000 of Fashion-MNIST-LT (ratio 100) would hold 785 .. 60 images per class,
-      a ratio of 13, not 100.
+      a ratio of 13, not 100. `pretrain_limit` is `limit` for pretraining alone, so it sits at the same place.
     """
     _check_long_tail(cfg)
     base = load_split(cfg, "pretrain")
@@ -370,6 +370,8 @@ def _pretrain_rows(cfg: DataConfig) -> tuple[Dataset, np.ndarray]:
         rows = np.concatenate([rows[: labelled - cfg.holdout], rows[labelled:]])
     if cfg.limit is not None:
         rows = rows[: cfg.limit]
+    if cfg.pretrain_limit is not None:
+        rows = rows[: cfg.pretrain_limit]
     if cfg.imbalance_ratio != 1:
         labels = _base_labels(base)[rows]
         rows = rows[long_tail_rows(labels, dataset_info(cfg).num_classes, cfg.imbalance_ratio)]
@@ -380,7 +382,7 @@ def pretrain_dataset(cfg: DataConfig) -> Dataset:
     """The pretraining split, untransformed: (PIL image, label) with label -1 for unlabelled images.
 
     The training split (STL-10: train+unlabeled) minus the last `data.holdout` labelled images, its first
-    `data.limit` images, then with `data.imbalance_ratio` = r > 1 the long-tailed cut: class c of C keeps its
+    `data.limit` images, its first `data.pretrain_limit` images, then with `data.imbalance_ratio` = r > 1 the long-tailed cut: class c of C keeps its
     first int(n_max * r^(-c / (C - 1))) images in dataset order (n_max: the most frequent class's count before
     the cut; classes in label order, class 0 the head), the CIFAR-10-LT construction of Cao et al. 2019 (LDAM)
     used by the long-tailed self-supervised literature (see `long_tail_counts`, `long_tail_rows`). The cut
