@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from batchssl.backbones import build_backbone
-from batchssl.config import load_config, to_dict
+from batchssl.config import dotted_items, load_config, to_dict
 from batchssl.data import INFO
 from batchssl.methods import build_method
 from batchssl.optim import build_optimizer, peak_lr
@@ -30,16 +30,6 @@ def rid(path: Path) -> str:
 
 def twin(path: Path) -> Path:
     return path.with_name(path.stem[: -len("_bf")] + ".yaml")
-
-
-def flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def test_the_recipe_set_is_complete():
@@ -72,7 +62,7 @@ def test_batchformer_recipe_equals_its_twin_but_for_batchformer(path):
         ("joint", "projector", 1.0)
     for d in (bf, base):
         d.pop("batchformer"), d.pop("output_dir")
-    diff = {k: (v, flat(base).get(k)) for k, v in flat(bf).items() if flat(base).get(k) != v}
+    diff = {k: (v, dotted_items(base).get(k)) for k, v in dotted_items(bf).items() if dotted_items(base).get(k) != v}
     assert bf == base, f"{rid(path)} differs from its twin outside batchformer: {diff}"
 
 
@@ -164,7 +154,7 @@ KEY_NUMBERS = {
 @pytest.mark.parametrize("name", sorted(KEY_NUMBERS))
 @pytest.mark.parametrize("bf", ["", "_bf"])
 def test_paper_numbers(name, bf):
-    got = flat(to_dict(load_config(REPO / "recipes" / f"{name}{bf}.yaml")))
+    got = dotted_items(to_dict(load_config(REPO / "recipes" / f"{name}{bf}.yaml")))
     wrong = {k: (got[k], v) for k, v in KEY_NUMBERS[name].items()
              if (got[k] != pytest.approx(v) if isinstance(v, float) else got[k] != v)}
     assert not wrong, f"{name}{bf}: (recipe, paper) = {wrong}"

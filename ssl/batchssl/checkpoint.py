@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from batchssl.config import Config
+from batchssl.config import Config, dotted_items, to_dict
 from batchssl.errors import UserError
 from batchssl.files import atomic_write, temp_path
 
@@ -218,21 +218,9 @@ FREE_TO_CHANGE = {
 FREE_SECTIONS = ()
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def config_changes(cfg: Config, previous: dict) -> list[str]:
     """'key: old -> new' for every setting that differs from `previous` and may change the model or trajectory."""
-    from batchssl.config import to_dict
-
-    ours, theirs = _flat(to_dict(cfg)), _flat(previous)
+    ours, theirs = dotted_items(to_dict(cfg)), dotted_items(previous)
     return [f"{k}: {theirs.get(k)!r} -> {ours.get(k)!r}" for k in sorted(ours.keys() | theirs.keys())
             if ours.get(k) != theirs.get(k) and k not in FREE_TO_CHANGE and not k.startswith(FREE_SECTIONS)]
 
@@ -259,7 +247,6 @@ def record_config(cfg: Config, output_dir: str | Path, resume_from: Path | None)
 
     import yaml
 
-    from batchssl.config import to_dict
 
     out = Path(output_dir)
     tree = to_dict(cfg)

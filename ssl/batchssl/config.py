@@ -347,6 +347,17 @@ def to_dict(cfg: Config) -> dict:
     }
 
 
+def dotted_items(tree: dict, prefix: str = "") -> dict:
+    """A nested config tree as {'section.key': value} (the form overrides and error messages use)."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(dotted_items(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
