@@ -10,6 +10,8 @@ Variants (`--variants`, comma-separated; each a '+'-joined set of tokens, the fi
   fp32   float32, contiguous (NCHW): no tokens; the default reference
   cl     channels_last model and views          bf16   bf16 autocast around the forward (as Accelerate does)
   nobf   batchformer.enabled=false              bf     batchformer.enabled=true
+  compile        the backbone under torch.compile (train.compile=backbone, the trainer's Module.compile)
+  compilemodel   the whole method's forward under torch.compile (train.compile=model)
   real   views made by batchssl.views.DeviceViews from uint8 images held on the device (the Fashion-MNIST
          training split, or random uint8 images of its shape when the data is not installed), instead of fixed
          synthetic random views; `--real` adds the reference + real and prints real / synthetic
@@ -24,6 +26,7 @@ the median over rounds of the reference's time / the variant's time (> 1: faster
     python benchmarks/train_throughput.py                                  # default recipe, default variants
     python benchmarks/train_throughput.py --quick                          # ~20 s smoke run
     python benchmarks/train_throughput.py --config recipes/fashion_mnist/simsiam_bf.yaml --variants fp32,bf16+cl --real
+    python benchmarks/train_throughput.py --variants bf16+cl,bf16+cl+compile,bf16+cl+compilemodel --warmup 3
     python benchmarks/train_throughput.py data.name=cifar10 model.width=1.0 train.batch_size=512   # overrides
 """
 
@@ -61,7 +64,7 @@ DEFAULT_RECIPE = ROOT / "recipes" / "fashion_mnist" / "mocov3_bf.yaml"
 DEFAULT_VARIANTS = "fp32,cl,bf16,bf16+cl,nobf"
 TOKENS = {"fp32": {}, "cl": {"channels_last": True}, "channels_last": {"channels_last": True},
           "bf16": {"bf16": True}, "nobf": {"batchformer": False}, "bf": {"batchformer": True},
-          "real": {"real": True}}
+          "real": {"real": True}, "compile": {"compile": "backbone"}, "compilemodel": {"compile": "model"}}
 TOTAL_STEPS, STEPS_PER_EPOCH = 10_000, 100  # nominal schedule length the lr / momentum are evaluated against
 
 
@@ -72,6 +75,7 @@ class Spec:
     bf16: bool = False
     batchformer: bool | None = None  # None: as the recipe says
     real: bool = False
+    compile: str = "none"  # as train.compile: none, backbone, model
 
     def synthetic_twin(self) -> str:
         return "+".join(t for t in self.name.split("+") if t != "real") or "fp32"
@@ -168,6 +172,8 @@ class Variant:
         optimizer = build_optimizer(method.parameter_groups(cfg.optim), cfg.optim)
         model = Autocast(method, device.type) if spec.bf16 else method
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        if spec.compile != "none":  # as the trainer does (compiled on the first steps: keep --warmup >= 2)
+            (method.backbone if spec.compile == "backbone" else self.model).compile()
         self.peak = peak_lr(cfg)
         self.warmup_steps = int(round(cfg.optim.warmup_epochs * STEPS_PER_EPOCH))
         self.make_views = (real_views(cfg, info, images, fmt, seed) if spec.real

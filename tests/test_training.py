@@ -1,6 +1,7 @@
 """Real training runs on a few hundred Fashion-MNIST images: the recipes, resume, bad input."""
 
 import json
+import math
 import re
 import shutil
 import signal
@@ -12,7 +13,7 @@ from batchssl.checkpoint import complete_checkpoints, load_backbone
 from batchssl.config import load_run_config
 from batchssl.data import dataset_info
 from batchssl.train import KILL_AFTER_STEP
-from helpers import TINY, knn_lines, read_metrics, run_pretrain, step_lines
+from helpers import TINY, knn_lines, read_metrics, run_pretrain, step_lines, step_losses
 
 
 @pytest.mark.slow
@@ -34,6 +35,24 @@ def test_fashion_mnist_recipe_runs(recipe, tmp_path):
     info = dataset_info(cfg.data)
     backbone, _ = build_backbone(cfg.model, info.in_channels, info.image_size)
     load_backbone(backbone, tmp_path / "backbone.safetensors")  # strict: backbone keys only
+
+
+@pytest.mark.slow
+def test_compiled_backbone_trains_like_the_eager_one_and_keeps_its_names(tmp_path):
+    # train.compile=backbone on the recipe's path (bf16 autocast + channels_last, the device pipeline): the loss of
+    # step 1 equals the eager run's to bf16's rounding (the same weights and views; inductor fuses and reorders),
+    # the run trains on, and its checkpoint and backbone export keep the eager parameter names.
+    args = ["--config", "recipes/fashion_mnist/mocov3_bf.yaml", *TINY, "data.limit=128", "monitor.enabled=false",
+            "batchformer.dropout=0.0"]
+    run_pretrain([*args, f"output_dir={tmp_path / 'eager'}"])
+    run_pretrain([*args, "train.compile=backbone", f"output_dir={tmp_path / 'compiled'}"], timeout=900)
+    eager, compiled = step_losses(tmp_path / "eager"), step_losses(tmp_path / "compiled")
+    assert sorted(compiled) == [1, 2] and all(math.isfinite(v) for v in compiled.values())
+    assert compiled[1] == pytest.approx(eager[1], abs=3e-2)
+    cfg = load_run_config(tmp_path / "compiled")
+    info = dataset_info(cfg.data)
+    backbone, _ = build_backbone(cfg.model, info.in_channels, info.image_size)
+    load_backbone(backbone, tmp_path / "compiled" / "backbone.safetensors")  # strict: no _orig_mod. prefix
 
 
 def without_timings(run) -> list[dict]:
