@@ -3,6 +3,7 @@
 #  1. CIFAR-10-sized training throughput (ResNet-18, CIFAR stem, batch 512) for SimSiam and MoCo v3: fp32,
 #     channels_last, bf16, bf16 + channels_last, without BatchFormer, and real views (DeviceViews);
 #  1b. one CIFAR-10-sized real-data epoch through the device pipeline: its seconds, and real / synthetic steps;
+#  1c. train.compile=backbone against eager (bf16 + channels_last), CIFAR-10 sized MoCo v3 + BatchFormer;
 #  2. a real pretraining run on the GPU in bf16 (Fashion-MNIST subset, 2 epochs, kNN monitor with features in bf16);
 #  3. with two or more GPUs: the 2-process (NCCL) vs 1-process loss check at step 1.
 # Usage: bash benchmarks/gpu_check.sh [FASHION_MNIST_DIR]. The GPU machine's own python3 (with torch) runs it. On
@@ -32,6 +33,10 @@ timeout 100 python3 benchmarks/train_throughput.py --config recipes/fashion_mnis
 
 echo "== 1b. a CIFAR-10-sized real-data epoch through the device pipeline (50,000 x 32 px, ResNet-18, batch 512, bf16)"
 timeout 120 python3 benchmarks/device_epoch.py --config recipes/cifar10/mocov3_bf.yaml
+
+echo "== 1c. torch.compile of the backbone vs eager (bf16 + channels_last, CIFAR-10 sized MoCo v3 + BatchFormer)"
+timeout 120 python3 benchmarks/train_throughput.py --config recipes/cifar10/mocov3_bf.yaml \
+  --variants bf16+cl,bf16+cl+compile --repeats 3 --steps 10 --warmup 4 --no-flops
 
 echo "== 2. real run: pretrain.py in bf16 on the GPU, kNN monitor"
 OUT=$(mktemp -d)
