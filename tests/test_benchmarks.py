@@ -65,3 +65,23 @@ def test_batchformer_flops_closed_form_matches_flop_counter(overrides):
     no_bf, none = flops.step_flops(load_config(REPO / "recipes" / "fashion_mnist" / "mocov3_bf.yaml",
                                                overrides + ["batchformer.enabled=false"]))
     assert none is None and no_bf < total
+
+
+def test_long_tail_study_scores_the_lt_runs_rare_classes_in_both_runs():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from long_tail_study import few_classes, scores, summarise
+
+    # Fashion-MNIST-LT's counts: "few" are classes 7, 8, 9 (166, 100, 60 images), whatever the balanced run saw
+    lt_counts = [6000, 3596, 2156, 1292, 774, 464, 278, 166, 100, 60]
+    assert few_classes(lt_counts) == [7, 8, 9]
+    per_class = [90.0, 80.0, 70.0, 60.0, 50.0, 40.0, 30.0, 20.0, 10.0, 0.0]
+    got = scores(per_class, [7, 8, 9])
+    assert got["few"] == pytest.approx(10.0)  # (20 + 10 + 0) / 3
+    assert got["class_std"] == pytest.approx(28.722813, abs=1e-6)  # population std of 0, 10, ..., 90
+    record = {"top1": 45.0, "per_class": per_class}
+    rows = summarise({("mocov3", "lt"): [(record, record), (record, {"top1": 50.0, "per_class": [50.0] * 10})]},
+                     [7, 8, 9])
+    assert rows == [{"method": "mocov3", "split": "lt", "knn_top1": [45.0, 45.0], "knn_few": [10.0, 10.0],
+                     "knn_class_std": [pytest.approx(28.722813), pytest.approx(28.722813)],
+                     "linear_top1": [45.0, 50.0], "linear_few": [10.0, 50.0],
+                     "linear_class_std": [pytest.approx(28.722813), 0.0]}]

@@ -1,0 +1,174 @@
+"""Does BatchFormer help SSL on long-tailed data? The study of Fashion-MNIST-LT (ratio 100) in one command.
+
+For every method (SimSiam, SimSiam+BF, MoCo v3, MoCo v3+BF), seed and split: pretrain
+`recipes/fashion_mnist/<method>_lt.yaml` (the long-tailed split, 14886 images) and `<method>_lt_balanced.yaml`
+(the first 14886 training images, nearly balanced: the same number of images and steps), then score the frozen
+backbone on the balanced evaluation splits: `python -m knn_eval` (k = 200, T = 0.07, the recipes' monitor
+settings) and the cached linear probe (`python -m linear_probe`). Reported at the final epoch, mean +- sample std
+over seeds: top-1, the mean accuracy over the few classes, and the std of the per-class accuracies.
+
+"Few" means the same classes in both runs: the last third of the classes by the long-tailed split's counts
+(classes 7, 8, 9: 166, 100 and 60 images), so the balanced run shows what those classes reach when pretraining
+saw as many of them as of any other (the evaluators' own many / medium / few group by each run's own counts, and a
+balanced run has no real tail). Runs that finished are reused (quality.py's rule), so the script can be stopped
+and rerun; `--holdout 10000` scores on the held-out tail of the training split instead of the test split (for
+trying BatchFormer's options: `--set batchformer.scope=per_view --tag _perview`).
+
+    python benchmarks/long_tail_study.py                           # 4 methods x 3 seeds x {LT, balanced}
+    python benchmarks/long_tail_study.py --methods mocov3 mocov3_bf --seeds 0 --holdout 10000 --set batchformer.weight=0.5 --tag _w05
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import JOB_ENV, REPO, linear_probe, mean_std, pretrain  # noqa: E402
+
+METHODS = ["simsiam", "simsiam_bf", "mocov3", "mocov3_bf"]
+SPLITS = {"lt": "_lt", "balanced": "_lt_balanced"}
+KNN_K, KNN_T = 200, 0.07
+
+
+def few_classes(lt_counts: list[int]) -> list[int]:
+    """The "few" third of the classes by the long-tailed split's counts, grouped as the evaluators group
+    (batchssl.eval.per_class.frequency_groups: for C = 10 the three rarest)."""
+    from batchssl.eval.per_class import frequency_groups
+
+    return sorted(frequency_groups(lt_counts)["few"])
+
+
+def scores(per_class: list[float | None], few: list[int]) -> dict:
+    """{"few": mean accuracy over `few`, "class_std": population std of the per-class accuracies}."""
+    scored = [a for a in per_class if a is not None]
+    return {"few": statistics.fmean(per_class[c] for c in few),
+            "class_std": statistics.pstdev(scored)}
+
+
+def knn_result(directory: Path) -> dict:
+    """k = 200 of `python -m knn_eval` on the run (computed once, then read from knn.json)."""
+    path = directory / "knn.json"
+
+    def find():
+        if not path.is_file():
+            return None
+        for entry in json.loads(path.read_text())["entries"].values():
+            if entry.get("temperature") == KNN_T and str(KNN_K) in entry.get("results", {}):
+                return entry["results"][str(KNN_K)]
+        return None
+
+    if find() is None:
+        with open(directory.parent / f"{directory.name}.log", "a") as log:
+            subprocess.run([sys.executable, "-m", "knn_eval", "--run", str(directory), "--k", str(KNN_K),
+                            "--temperature", str(KNN_T)], cwd=REPO, check=True, env=JOB_ENV, stdout=log,
+                           stderr=subprocess.STDOUT)
+    return find()
+
+
+def linear_result(directory: Path) -> dict:
+    linear_probe(directory)  # runs the cached probe unless its result is there
+    entries = json.loads((directory / "linear_probe.json").read_text())["entries"].values()
+    return [e for e in entries if e.get("mode") == "cached"][-1]
+
+
+def summarise(runs: dict, few: list[int]) -> list[dict]:
+    """runs[(method, split)] = [(knn record, linear record), one per seed] -> rows with means and stds."""
+    rows = []
+    for (method, split), per_seed in runs.items():
+        row = {"method": method, "split": split}
+        for name, pick in (("knn", 0), ("linear", 1)):
+            records = [r[pick] for r in per_seed]
+            row[f"{name}_top1"] = [r["top1"] for r in records]
+            row[f"{name}_few"] = [scores(r["per_class"], few)["few"] for r in records]
+            row[f"{name}_class_std"] = [scores(r["per_class"], few)["class_std"] for r in records]
+        rows.append(row)
+    return rows
+
+
+def plot(rows: list[dict], path: Path, images: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    for ax, metric, title in ((axes[0], "knn_top1", "kNN top-1"), (axes[1], "knn_few", "kNN, few classes (7-9)")):
+        for j, split in enumerate(SPLITS):
+            values = [next(r for r in rows if r["method"] == m and r["split"] == split)[metric] for m in methods]
+            means = [statistics.fmean(v) for v in values]
+            stds = [statistics.stdev(v) if len(v) > 1 else 0 for v in values]
+            ax.bar([i + 0.38 * j for i in range(len(methods))], means, 0.38, yerr=stds, capsize=3,
+                   label={"lt": "long-tailed (ratio 100)", "balanced": "balanced, same size"}[split])
+        ax.set_xticks([i + 0.19 for i in range(len(methods))], methods)
+        ax.set_title(title)
+        ax.set_ylabel("%")
+        low = min(min(r[metric]) for r in rows)
+        ax.set_ylim(max(0, low - 10), 100)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Fashion-MNIST-LT: pretraining on {images} images, balanced evaluation (mean +- std over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--holdout", type=int, default=0, help="score on the last N training images, not the test set")
+    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="key=value")
+    parser.add_argument("--tag", default="")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (one thread each on a CPU)")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "long_tail"))
+    args = parser.parse_args()
+
+    if args.jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
+        JOB_ENV["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
+    out = Path(args.out) / (f"holdout{args.holdout}" if args.holdout else "test")
+    out.mkdir(parents=True, exist_ok=True)
+    overrides = [*args.set] + ([f"data.holdout={args.holdout}"] if args.holdout else [])
+
+    def one(job):
+        method, split, seed = job
+        recipe = method + SPLITS[split]
+        directory = out / f"{recipe}{args.tag}_s{seed}"
+        pretrain(recipe, seed, directory, overrides)
+        return knn_result(directory), linear_result(directory)
+
+    jobs = [(m, s, seed) for seed in args.seeds for m in args.methods for s in SPLITS]
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        results = dict(zip(jobs, pool.map(one, jobs)))
+    runs = {(m, s): [results[m, s, seed] for seed in args.seeds] for m in args.methods for s in SPLITS}
+    from batchssl.config import load_config
+    from batchssl.data import pretrain_class_counts
+
+    lt_recipe = REPO / "recipes" / "fashion_mnist" / f"{args.methods[0]}_lt.yaml"
+    lt_counts = pretrain_class_counts(load_config(lt_recipe, overrides).data)
+    few = few_classes(lt_counts)
+    rows = summarise(runs, few)
+
+    split_name = f"held-out last {args.holdout}" if args.holdout else "test split"
+    print(f"\nFashion-MNIST-LT (ratio 100) vs balanced of the same size; scored on the {split_name}; seeds "
+          f"{args.seeds}; few = classes {few}; overrides {overrides or 'none'}")
+    print(f"{'method':<12} {'split':<9} {'kNN top-1':>14} {'kNN few':>14} {'kNN cls std':>12} "
+          f"{'linear top-1':>14} {'linear few':>14}")
+    for r in rows:
+        print(f"{r['method'] + args.tag:<12} {r['split']:<9} {mean_std(r['knn_top1']):>14} {mean_std(r['knn_few']):>14} "
+              f"{mean_std(r['knn_class_std']):>12} {mean_std(r['linear_top1']):>14} {mean_std(r['linear_few']):>14}")
+    (out / f"long_tail{args.tag}.json").write_text(json.dumps(
+        {"rows": rows, "few_classes": few, "lt_counts": lt_counts, "seeds": args.seeds, "overrides": overrides},
+        indent=1))
+    plot(rows, out / f"long_tail{args.tag}.png", sum(lt_counts))
+    print(f"written {out / f'long_tail{args.tag}.json'} and {out / f'long_tail{args.tag}.png'}")
+
+
+if __name__ == "__main__":
+    main()
