@@ -100,6 +100,7 @@ def test_ten_random_kills_end_bit_identical(tmp_path):
             proc.wait()
             kills += 1
         else:  # it completed: start over in a fresh directory, so the next kills hit a run again
+            assert proc.returncode == 0, f"a rerun after a kill failed ({proc.returncode})"
             assert step_losses(run) == step_losses(tmp_path / "straight")
             shutil.rmtree(run)
     pretrain([*args, f"output_dir={run}"])

@@ -155,10 +155,13 @@ LOCK_FILE = ".lock"
 
 
 class RunLock:
-    """One writer per run directory: an exclusive `fcntl.flock` on <run>/.lock, held while the process lives.
+    """One writer per run directory: an exclusive POSIX record lock (`fcntl.lockf`) on <run>/.lock, held while the
+    process lives.
 
-    The kernel drops the lock when its holder dies (kill -9 included), so a stale lock never blocks; the file
-    only carries the holder's pid and host for the message a second writer gets.
+    The kernel drops the lock when its holder dies (kill -9 included), so a stale lock never blocks. A POSIX lock
+    belongs to the process, not to the open file: forked loader workers do not inherit it (an flock would stay
+    held by a killed trainer's orphaned workers for the seconds they take to notice, and refuse the rerun). The
+    file only carries the holder's pid and host for the message a second writer gets.
     """
 
     def __init__(self, run_dir: str | Path, purpose: str):
@@ -178,7 +181,7 @@ class RunLock:
         except OSError as err:
             raise UserError(f"cannot write in the run directory {self.run_dir}: {err.strerror or err}") from None
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
@@ -195,7 +198,7 @@ class RunLock:
 
     def release(self) -> None:
         if self._file is not None:
-            self._file.close()  # closing drops the flock
+            self._file.close()  # closing drops the lock
             self._file = None
 
     def __enter__(self) -> "RunLock":
