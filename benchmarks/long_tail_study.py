@@ -92,7 +92,7 @@ def summarise(runs: dict, few: list[int]) -> list[dict]:
     return rows
 
 
-def plot(rows: list[dict], path: Path, images: int) -> None:
+def plot(rows: list[dict], path: Path, images: int, splits: list[str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -101,7 +101,7 @@ def plot(rows: list[dict], path: Path, images: int) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     methods = list(dict.fromkeys(r["method"] for r in rows))
     for ax, metric, title in ((axes[0], "knn_top1", "kNN top-1"), (axes[1], "knn_few", "kNN, few classes (7-9)")):
-        for j, split in enumerate(SPLITS):
+        for j, split in enumerate(splits):
             values = [next(r for r in rows if r["method"] == m and r["split"] == split)[metric] for m in methods]
             means = [statistics.fmean(v) for v in values]
             stds = [statistics.stdev(v) if len(v) > 1 else 0 for v in values]
@@ -123,6 +123,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--splits", nargs="+", choices=list(SPLITS), default=list(SPLITS),
+                        help="pretraining splits (default both: the study compares them)")
     parser.add_argument("--holdout", type=int, default=0, help="score on the last N training images, not the test set")
     parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="key=value")
     parser.add_argument("--tag", default="")
@@ -143,10 +145,10 @@ def main() -> None:
         pretrain(recipe, seed, directory, overrides)
         return knn_result(directory), linear_result(directory)
 
-    jobs = [(m, s, seed) for seed in args.seeds for m in args.methods for s in SPLITS]
+    jobs = [(m, s, seed) for seed in args.seeds for m in args.methods for s in args.splits]
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
         results = dict(zip(jobs, pool.map(one, jobs)))
-    runs = {(m, s): [results[m, s, seed] for seed in args.seeds] for m in args.methods for s in SPLITS}
+    runs = {(m, s): [results[m, s, seed] for seed in args.seeds] for m in args.methods for s in args.splits}
     from batchssl.config import load_config
     from batchssl.data import pretrain_class_counts
 
@@ -166,7 +168,7 @@ def main() -> None:
     (out / f"long_tail{args.tag}.json").write_text(json.dumps(
         {"rows": rows, "few_classes": few, "lt_counts": lt_counts, "seeds": args.seeds, "overrides": overrides},
         indent=1))
-    plot(rows, out / f"long_tail{args.tag}.png", sum(lt_counts))
+    plot(rows, out / f"long_tail{args.tag}.png", sum(lt_counts), args.splits)
     print(f"written {out / f'long_tail{args.tag}.json'} and {out / f'long_tail{args.tag}.png'}")
 
 
