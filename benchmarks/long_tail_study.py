@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -30,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import JOB_ENV, REPO, linear_probe, mean_std, pretrain  # noqa: E402
+from quality import JOB_ENV, REPO, add_run_arguments, linear_probe, mean_std, prepare_runs, pretrain  # noqa: E402
 
 METHODS = ["simsiam", "simsiam_bf", "mocov3", "mocov3_bf"]
 SPLITS = {"lt": "_lt", "balanced": "_lt_balanced"}
@@ -125,18 +124,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--splits", nargs="+", choices=list(SPLITS), default=list(SPLITS),
                         help="pretraining splits (default both: the study compares them)")
-    parser.add_argument("--holdout", type=int, default=0, help="score on the last N training images, not the test set")
-    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="key=value")
-    parser.add_argument("--tag", default="")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at once (one thread each on a CPU)")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "long_tail"))
+    add_run_arguments(parser, "long_tail")
     args = parser.parse_args()
-
-    if args.jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
-        JOB_ENV["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
-    out = Path(args.out) / (f"holdout{args.holdout}" if args.holdout else "test")
-    out.mkdir(parents=True, exist_ok=True)
-    overrides = [*args.set] + ([f"data.holdout={args.holdout}"] if args.holdout else [])
+    out, overrides = prepare_runs(args)
 
     def one(job):
         method, split, seed = job

@@ -149,23 +149,32 @@ def plot(curves: dict[str, list[list[tuple[int, float]]]], floor: dict, path: Pa
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipes", nargs="+", default=RECIPES)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+def add_run_arguments(parser: argparse.ArgumentParser, out_name: str) -> None:
+    """The options every study of pretraining runs shares (this script and long_tail_study.py)."""
     parser.add_argument("--holdout", type=int, default=0, help="tune on the last N training images, not the test set")
     parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="key=value",
                         help="overrides for every run (may be repeated)")
     parser.add_argument("--tag", default="", help="suffix of the run directories for a variant")
-    parser.add_argument("--jobs", type=int, default=1, help="(recipe, seed) pairs run at once")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "quality"))
-    args = parser.parse_args()
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (each with its share of the cores)")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "out" / out_name))
 
+
+def prepare_runs(args: argparse.Namespace) -> tuple[Path, list[str]]:
+    """Each job's thread share, the output folder (one per validation split) and the overrides of every run."""
     if args.jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
         JOB_ENV["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
     out = Path(args.out) / (f"holdout{args.holdout}" if args.holdout else "test")
     out.mkdir(parents=True, exist_ok=True)
-    overrides = [*args.set] + ([f"data.holdout={args.holdout}"] if args.holdout else [])
+    return out, [*args.set] + ([f"data.holdout={args.holdout}"] if args.holdout else [])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipes", nargs="+", default=RECIPES)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    add_run_arguments(parser, "quality")
+    args = parser.parse_args()
+    out, overrides = prepare_runs(args)
 
     def one(pair: tuple[str, int]) -> tuple[float, float]:
         recipe, seed = pair

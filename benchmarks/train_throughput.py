@@ -33,7 +33,6 @@ the median over rounds of the reference's time / the variant's time (> 1: faster
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import platform
 import statistics

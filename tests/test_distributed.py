@@ -22,6 +22,15 @@ CASES = {
 }
 
 
+def losses_of_one_and_two_processes(overrides: list[str], tmp_path) -> tuple[dict, dict]:
+    """Step losses of the same 3-step run on one process and on two (torchrun, gloo)."""
+    run_pretrain([*overrides, f"output_dir={tmp_path / 'one'}"], nproc=1)
+    run_pretrain([*overrides, f"output_dir={tmp_path / 'two'}"], nproc=2)
+    one, two = step_losses(tmp_path / "one"), step_losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == [1, 2, 3]
+    return one, two
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_processes_match_one(case, tmp_path):
@@ -30,10 +39,7 @@ def test_two_processes_match_one(case, tmp_path):
     # (64 images on one process, 32 on each of two), each of which moves step 1's loss by more than 1e-5.
     common = [*CASES[case], *TINY, "batchformer.dropout=0.0", "monitor.enabled=false", "data.limit=192",
               "train.mixed_precision=no", "train.channels_last=false"]
-    run_pretrain([*common, f"output_dir={tmp_path / 'one'}"], nproc=1)
-    run_pretrain([*common, f"output_dir={tmp_path / 'two'}"], nproc=2)
-    one, two = step_losses(tmp_path / "one"), step_losses(tmp_path / "two")
-    assert sorted(one) == sorted(two) == [1, 2, 3]
+    one, two = losses_of_one_and_two_processes(common, tmp_path)
     assert two[1] == pytest.approx(one[1], abs=1e-5)
     # Later steps are not compared in float32: rounding, amplified through batch norm at initialisation, moves the
     # gradients by ~0.5% whichever way they are summed (1 process in float32 vs float64 differs as much). The
@@ -47,10 +53,7 @@ def test_two_processes_match_one_at_the_recipes_precision(tmp_path):
     # (half the keys or the attention over half the batch) moves MoCo's loss by ~log 2 = 0.69.
     common = [*CASES["mocov3_bf_gather"], *TINY, "batchformer.dropout=0.0", "monitor.enabled=false",
               "data.limit=192"]
-    run_pretrain([*common, f"output_dir={tmp_path / 'one'}"], nproc=1)
-    run_pretrain([*common, f"output_dir={tmp_path / 'two'}"], nproc=2)
-    one, two = step_losses(tmp_path / "one"), step_losses(tmp_path / "two")
-    assert sorted(one) == sorted(two) == [1, 2, 3]
+    one, two = losses_of_one_and_two_processes(common, tmp_path)
     assert two[1] == pytest.approx(one[1], abs=3e-2)
 
 

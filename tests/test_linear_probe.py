@@ -9,7 +9,6 @@ from torch import nn
 from batchssl.errors import UserError
 from batchssl.eval.linear_augmented import (
     CHECKPOINT_NAME,
-    AugmentedProbeSettings,
     BackboneChangedError,
     check_backbone_unchanged,
     state_fingerprint,
