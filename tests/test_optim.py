@@ -11,9 +11,10 @@ import torch
 from lightly.utils.lars import LARS as LightlyLARS
 from torch import nn
 
+from batchssl.config import load_config
 from batchssl.files import atomic_write, temp_path
 from batchssl.methods.mocov3 import moco_momentum
-from batchssl.optim import LARS, apply_lr, warmup_cosine
+from batchssl.optim import LARS, apply_lr, scheduled_lr, warmup_cosine
 
 
 def _groups(model: nn.Module) -> list[dict]:
@@ -61,6 +62,17 @@ def test_warmup_cosine_values():
     assert warmup_cosine(55, 100, 10, 2.0) == pytest.approx(1.0)  # half way through the cosine
     assert warmup_cosine(100, 100, 10, 2.0) == pytest.approx(0.0)
     assert warmup_cosine(25, 100, 0, 1.0, end=3.0) == pytest.approx(3.0 - 2.0 * 0.5 * (1 + math.cos(math.pi / 4)))
+
+
+def test_scheduled_lr_decays_to_the_final_ratio():
+    cfg = load_config(None, ["optim.base_lr=0.4", "train.batch_size=512", "optim.final_lr_ratio=0.25"])
+    peak = 0.4 * 512 / 256
+    assert scheduled_lr(cfg, 0, 100, 10) == pytest.approx(peak / 10)
+    assert scheduled_lr(cfg, 10, 100, 10) == pytest.approx(peak)
+    assert scheduled_lr(cfg, 55, 100, 10) == pytest.approx(peak * (0.25 + 0.75 / 2))  # half way down the cosine
+    assert scheduled_lr(cfg, 100, 100, 10) == pytest.approx(peak * 0.25)
+    # The default is the papers' decay to zero.
+    assert scheduled_lr(load_config(None, []), 100, 100, 10) == 0.0
 
 
 def test_moco_momentum_is_the_papers_formula():

@@ -54,18 +54,35 @@ def own_process_state():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
+# The default recipe shrunk to take seconds: 32 images of 16 px in batches of 16 (2 steps an epoch), a 1/8-width
+# ResNet-18 with small heads.
+SHRUNK = ["train.epochs=2", "train.batch_size=16", "train.log_every_n_steps=1", "data.image_size=16",
+          "model.width=0.125", "method.proj_hidden_dim=64", "method.proj_dim=32"]
+
+
+def test_final_lr_ratio_ends_the_cosine_above_zero(tmp_path, fake_fashion_mnist, own_process_state):
+    from batchssl.train import train
+
+    cfg = load_config(REPO / "recipes" / "fashion_mnist" / "mocov3_bf.yaml", [
+        *SHRUNK, "optim.final_lr_ratio=0.5", "optim.warmup_epochs=0", "monitor.enabled=false",
+        f"output_dir={tmp_path}"])
+    train(cfg)
+    lrs = [m["lr"] for m in read_metrics(tmp_path) if "loss" in m]
+    peak = peak_lr(cfg)
+    # 4 steps, no warmup: the half cosine from peak to peak / 2, peak * (0.5 + 0.25 (1 + cos(pi t / 4))), t = 0..3.
+    assert lrs == pytest.approx([peak * (0.5 + 0.25 * (1 + math.cos(math.pi * t / 4))) for t in range(4)])
+    assert lrs[-1] > peak / 2
+
+
 def test_train_in_process_writes_the_run_directory(tmp_path, fake_fashion_mnist, own_process_state):
     from batchssl.train import train
 
     run = tmp_path / "run"
-    # The default recipe (MoCo v3 + BatchFormer), shrunk to take seconds: 32 images of 16 px in batches of 16
-    # (2 steps an epoch), a 1/8-width ResNet-18 with small heads. Checkpoints and the kNN monitor every epoch as in
+    # The default recipe (MoCo v3 + BatchFormer), SHRUNK. Checkpoints and the kNN monitor every epoch as in
     # the recipe; keep_last=1 so the older checkpoint must be pruned. Loader workers stay the recipe's (the
     # monitor extracts its features through them).
     cfg = load_config(REPO / "recipes" / "fashion_mnist" / "mocov3_bf.yaml", [
-        "train.epochs=2", "train.batch_size=16", "train.log_every_n_steps=1", "data.image_size=16",
-        "model.width=0.125", "method.proj_hidden_dim=64", "method.proj_dim=32", "checkpoint.keep_last=1",
-        "monitor.k=20", "monitor.batch_size=16", f"output_dir={run}"])
+        *SHRUNK, "checkpoint.keep_last=1", "monitor.k=20", "monitor.batch_size=16", f"output_dir={run}"])
     assert cfg.data.num_workers >= 1 and cfg.checkpoint.every_n_epochs == cfg.monitor.every_n_epochs == 1
 
     last = train(cfg)

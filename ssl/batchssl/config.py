@@ -96,6 +96,8 @@ class OptimConfig:
     momentum: float = 0.9
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_epochs: float = 0.0
+    # The cosine ends at peak lr x this (0: the papers' decay to zero; timm's and solo-learn's min_lr as a ratio)
+    final_lr_ratio: float = 0.0
     fixed_predictor_lr: bool = False  # SimSiam: predictor keeps the initial lr (no cosine decay)
 
 
@@ -312,6 +314,7 @@ def validate(cfg: Config) -> None:
         (0 <= o.momentum < 1, "optim.momentum must be in [0, 1)"),
         (all(0 <= b < 1 for b in o.betas), "optim.betas must each be in [0, 1)"),
         (o.warmup_epochs >= 0 and _finite(o.warmup_epochs), "optim.warmup_epochs must be >= 0"),
+        (0 <= o.final_lr_ratio <= 1, "optim.final_lr_ratio must be in [0, 1]"),
         (cfg.checkpoint.every_n_epochs >= 0, "checkpoint.every_n_epochs must be >= 0 (0: only at the end)"),
         (cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1"),
         (m.every_n_epochs >= 0, "monitor.every_n_epochs must be >= 0 (0: only at the end)"),

@@ -32,6 +32,12 @@ def peak_lr(cfg: Config) -> float:
     return cfg.optim.base_lr * cfg.train.batch_size / 256
 
 
+def scheduled_lr(cfg: Config, step: int, total_steps: int, warmup_steps: int) -> float:
+    """The trainer's lr at `step`: warmup to the peak, then a half cosine to peak x optim.final_lr_ratio."""
+    peak = peak_lr(cfg)
+    return warmup_cosine(step, total_steps, warmup_steps, peak, end=peak * cfg.optim.final_lr_ratio)
+
+
 def apply_lr(optimizer: torch.optim.Optimizer, lr: float, peak: float) -> None:
     """Set every group's lr from the scheduled `lr`, honouring the group keys `lr_scale` and `fixed_lr`."""
     for group in optimizer.param_groups:

@@ -26,7 +26,7 @@ def plan(cfg: Config, timed_steps: int = 3) -> list[tuple[str, str]]:
     from batchssl.data import dataset_info
     from batchssl.distributed import make_accelerator
     from batchssl.methods import build_method
-    from batchssl.optim import apply_lr, build_optimizer, peak_lr, warmup_cosine
+    from batchssl.optim import apply_lr, build_optimizer, peak_lr, scheduled_lr
     from batchssl.train import (build_pipeline, check_batch, claim_cores, resolve_precision, train_step,
                                 uses_channels_last)
 
@@ -63,7 +63,7 @@ def plan(cfg: Config, timed_steps: int = 3) -> list[tuple[str, str]]:
     for step in range(1 + min(timed_steps, max(spe - 1, 0))):
         views, _ = next(batches)
         start = time.perf_counter()
-        apply_lr(optimizer, warmup_cosine(step, total, warmup, peak_lr(cfg)), peak_lr(cfg))
+        apply_lr(optimizer, scheduled_lr(cfg, step, total, warmup), peak_lr(cfg))
         _, values = train_step(method, optimizer, accelerator, views, step, total, cfg.train.max_grad_norm)
         values.tolist()  # wait for the device
         if step:  # the first step includes one-off costs (allocations, compilation)

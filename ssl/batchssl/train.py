@@ -38,7 +38,7 @@ from batchssl.eval.frozen import feature_dtype
 from batchssl.methods import build_method
 from batchssl.monitor import KnnMonitor
 from batchssl.online_linear import OnlineLinear, feature_tap, gather_rows
-from batchssl.optim import apply_lr, build_optimizer, peak_lr, warmup_cosine
+from batchssl.optim import apply_lr, build_optimizer, peak_lr, scheduled_lr
 
 # Test-only: the trainer SIGKILLs itself right after this global step (1-based) has been logged, a deterministic
 # stand-in for `kill -9` at an exact moment; BATCHSSL_TEST_KILL_IN_CHECKPOINT=N does it half way through writing
@@ -284,7 +284,7 @@ def _train(cfg: Config, out: Path, accelerator: Accelerator, world: int, rank: i
             for i, (views, labels) in enumerate(pipeline.batches(epoch)):
                 step = epoch * steps_per_epoch + i
                 torch.manual_seed(sample_seed(cfg.seed, epoch, i, rank, _STEP_STREAM))
-                lr = warmup_cosine(step, total_steps, warmup_steps, peak)
+                lr = scheduled_lr(cfg, step, total_steps, warmup_steps)
                 apply_lr(optimizer, lr, peak)
                 with feature_tap(inner.backbone) if online else nullcontext([]) as taps:
                     names, values = train_step(method, optimizer, accelerator, views, step, total_steps,
