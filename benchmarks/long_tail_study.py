@@ -15,6 +15,7 @@ and rerun; `--holdout 10000` scores on the held-out tail of the training split i
 trying BatchFormer's options: `--set batchformer.scope=per_view --tag _perview`).
 
     python benchmarks/long_tail_study.py                           # 4 methods x 3 seeds x {LT, balanced}
+    python benchmarks/long_tail_study.py --finished-only           # the table of what has finished, starting nothing
     python benchmarks/long_tail_study.py --methods mocov3 mocov3_bf --seeds 0 --holdout 10000 --set batchformer.weight=0.5 --tag _w05
 """
 
@@ -51,37 +52,57 @@ def scores(per_class: list[float | None], few: list[int]) -> dict:
             "class_std": statistics.pstdev(scored)}
 
 
+def stored_knn(directory: Path) -> dict | None:
+    """k = 200, T = 0.07 of the run's knn.json, if `python -m knn_eval` wrote it."""
+    path = directory / "knn.json"
+    if not path.is_file():
+        return None
+    for entry in json.loads(path.read_text())["entries"].values():
+        if entry.get("temperature") == KNN_T and str(KNN_K) in entry.get("results", {}):
+            return entry["results"][str(KNN_K)]
+    return None
+
+
+def stored_linear(directory: Path) -> dict | None:
+    """The last cached probe of the run's linear_probe.json, if `python -m linear_probe` wrote one."""
+    path = directory / "linear_probe.json"
+    if not path.is_file():
+        return None
+    cached = [e for e in json.loads(path.read_text())["entries"].values() if e.get("mode") == "cached"]
+    return cached[-1] if cached else None
+
+
+def finished(directory: Path) -> tuple[dict, dict] | None:
+    """(kNN record, linear record) of a run whose pretraining and both evaluations are written, else None."""
+    if not (directory / "timing.json").is_file():
+        return None
+    knn, linear = stored_knn(directory), stored_linear(directory)
+    return (knn, linear) if knn is not None and linear is not None else None
+
+
 def knn_result(directory: Path) -> dict:
     """k = 200 of `python -m knn_eval` on the run (computed once, then read from knn.json)."""
-    path = directory / "knn.json"
-
-    def find():
-        if not path.is_file():
-            return None
-        for entry in json.loads(path.read_text())["entries"].values():
-            if entry.get("temperature") == KNN_T and str(KNN_K) in entry.get("results", {}):
-                return entry["results"][str(KNN_K)]
-        return None
-
-    if find() is None:
+    if stored_knn(directory) is None:
         with open(directory.parent / f"{directory.name}.log", "a") as log:
             subprocess.run([sys.executable, "-m", "knn_eval", "--run", str(directory), "--k", str(KNN_K),
                             "--temperature", str(KNN_T)], cwd=REPO, check=True, env=JOB_ENV, stdout=log,
                            stderr=subprocess.STDOUT)
-    return find()
+    return stored_knn(directory)
 
 
 def linear_result(directory: Path) -> dict:
     linear_probe(directory)  # runs the cached probe unless its result is there
-    entries = json.loads((directory / "linear_probe.json").read_text())["entries"].values()
-    return [e for e in entries if e.get("mode") == "cached"][-1]
+    return stored_linear(directory)
 
 
-def summarise(runs: dict, few: list[int]) -> list[dict]:
-    """runs[(method, split)] = [(knn record, linear record), one per seed] -> rows with means and stds."""
+def summarise(runs: dict, few: list[int], seeds: dict | None = None) -> list[dict]:
+    """runs[(method, split)] = [(knn record, linear record), one per seed] -> rows of per-seed values
+    (with the seeds they came from when `seeds[(method, split)]` is given)."""
     rows = []
     for (method, split), per_seed in runs.items():
         row = {"method": method, "split": split}
+        if seeds is not None:
+            row["seeds"] = seeds[method, split]
         for name, pick in (("knn", 0), ("linear", 1)):
             records = [r[pick] for r in per_seed]
             row[f"{name}_top1"] = [r["top1"] for r in records]
@@ -101,10 +122,10 @@ def plot(rows: list[dict], path: Path, images: int, splits: list[str]) -> None:
     methods = list(dict.fromkeys(r["method"] for r in rows))
     for ax, metric, title in ((axes[0], "knn_top1", "kNN top-1"), (axes[1], "knn_few", "kNN, few classes (7-9)")):
         for j, split in enumerate(splits):
-            values = [next(r for r in rows if r["method"] == m and r["split"] == split)[metric] for m in methods]
-            means = [statistics.fmean(v) for v in values]
-            stds = [statistics.stdev(v) if len(v) > 1 else 0 for v in values]
-            ax.bar([i + 0.38 * j for i in range(len(methods))], means, 0.38, yerr=stds, capsize=3,
+            found = [(i, r[metric]) for i, m in enumerate(methods)
+                     for r in rows if r["method"] == m and r["split"] == split]
+            ax.bar([i + 0.38 * j for i, _ in found], [statistics.fmean(v) for _, v in found], 0.38,
+                   yerr=[statistics.stdev(v) if len(v) > 1 else 0 for _, v in found], capsize=3,
                    label={"lt": "long-tailed (ratio 100)", "balanced": "balanced, same size"}[split])
         ax.set_xticks([i + 0.19 for i in range(len(methods))], methods)
         ax.set_title(title)
@@ -124,6 +145,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--splits", nargs="+", choices=list(SPLITS), default=list(SPLITS),
                         help="pretraining splits (default both: the study compares them)")
+    parser.add_argument("--finished-only", action="store_true",
+                        help="start nothing: tabulate the runs whose pretraining and evaluations are written "
+                             "(each row says its seeds), e.g. while other seeds still train")
     add_run_arguments(parser, "long_tail")
     args = parser.parse_args()
     out, overrides = prepare_runs(args)
@@ -136,25 +160,38 @@ def main() -> None:
         return knn_result(directory), linear_result(directory)
 
     jobs = [(m, s, seed) for seed in args.seeds for m in args.methods for s in args.splits]
-    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        results = dict(zip(jobs, pool.map(one, jobs)))
-    runs = {(m, s): [results[m, s, seed] for seed in args.seeds] for m in args.methods for s in args.splits}
+    if args.finished_only:
+        results = {job: finished(out / f"{job[0]}{SPLITS[job[1]]}{args.tag}_s{job[2]}") for job in jobs}
+        missing = [job for job, result in results.items() if result is None]
+        if missing:
+            print("not finished (left out):", ", ".join(f"{m} {s} seed {seed}" for m, s, seed in missing))
+        results = {job: result for job, result in results.items() if result is not None}
+    else:
+        with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+            results = dict(zip(jobs, pool.map(one, jobs)))
+    seeds = {(m, s): [seed for seed in args.seeds if (m, s, seed) in results]
+             for m in args.methods for s in args.splits}
+    seeds = {key: value for key, value in seeds.items() if value}
+    if not seeds:
+        sys.exit(f"no finished run in {out} for {args.methods} x {args.splits} x seeds {args.seeds}")
+    runs = {key: [results[(*key, seed)] for seed in value] for key, value in seeds.items()}
     from batchssl.config import load_config
     from batchssl.data import pretrain_class_counts
 
     lt_recipe = REPO / "recipes" / "fashion_mnist" / f"{args.methods[0]}_lt.yaml"
     lt_counts = pretrain_class_counts(load_config(lt_recipe, overrides).data)
     few = few_classes(lt_counts)
-    rows = summarise(runs, few)
+    rows = summarise(runs, few, seeds)
 
     split_name = f"held-out last {args.holdout}" if args.holdout else "test split"
     print(f"\nFashion-MNIST-LT (ratio 100) vs balanced of the same size; scored on the {split_name}; seeds "
           f"{args.seeds}; few = classes {few}; overrides {overrides or 'none'}")
-    print(f"{'method':<12} {'split':<9} {'kNN top-1':>14} {'kNN few':>14} {'kNN cls std':>12} "
+    print(f"{'method':<12} {'split':<9} {'seeds':<7} {'kNN top-1':>14} {'kNN few':>14} {'kNN cls std':>12} "
           f"{'linear top-1':>14} {'linear few':>14}")
     for r in rows:
-        print(f"{r['method'] + args.tag:<12} {r['split']:<9} {mean_std(r['knn_top1']):>14} {mean_std(r['knn_few']):>14} "
-              f"{mean_std(r['knn_class_std']):>12} {mean_std(r['linear_top1']):>14} {mean_std(r['linear_few']):>14}")
+        print(f"{r['method'] + args.tag:<12} {r['split']:<9} {','.join(map(str, r['seeds'])):<7} "
+              f"{mean_std(r['knn_top1']):>14} {mean_std(r['knn_few']):>14} {mean_std(r['knn_class_std']):>12} "
+              f"{mean_std(r['linear_top1']):>14} {mean_std(r['linear_few']):>14}")
     (out / f"long_tail{args.tag}.json").write_text(json.dumps(
         {"rows": rows, "few_classes": few, "lt_counts": lt_counts, "seeds": args.seeds, "overrides": overrides},
         indent=1))

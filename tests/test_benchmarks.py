@@ -85,3 +85,31 @@ def test_long_tail_study_scores_the_lt_runs_rare_classes_in_both_runs():
                      "knn_class_std": [pytest.approx(28.722813), pytest.approx(28.722813)],
                      "linear_top1": [45.0, 50.0], "linear_few": [10.0, 50.0],
                      "linear_class_std": [pytest.approx(28.722813), 0.0]}]
+
+
+def test_long_tail_study_finished_only_takes_runs_with_both_evaluations(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from long_tail_study import finished, summarise
+
+    knn = {"top1": 80.0, "per_class": [80.0] * 10}
+    linear = {"top1": 85.0, "per_class": [85.0] * 10, "mode": "cached"}
+
+    def run(name, timing=True, knn_entry=True, probe=True):
+        directory = tmp_path / name
+        directory.mkdir()
+        if timing:
+            (directory / "timing.json").write_text(json.dumps({"pretrain_seconds": 1.0}))
+        if knn_entry:  # knn_eval's layout: entries keyed by settings, results keyed by k
+            (directory / "knn.json").write_text(json.dumps(
+                {"entries": {"a": {"temperature": 0.07, "results": {"20": knn, "200": knn}}}}))
+        if probe:
+            (directory / "linear_probe.json").write_text(json.dumps(
+                {"entries": {"augmented": {**linear, "mode": "augmented", "top1": 1.0}, "cached": linear}}))
+        return directory
+
+    assert finished(run("done")) == (knn, linear)
+    assert finished(run("training", timing=False)) is None  # still pretraining: its evaluations are stale
+    assert finished(run("no_probe", probe=False)) is None
+    assert finished(run("no_knn", knn_entry=False)) is None
+    rows = summarise({("mocov3", "lt"): [(knn, linear)]}, [7, 8, 9], {("mocov3", "lt"): [2]})
+    assert rows[0]["seeds"] == [2] and rows[0]["knn_top1"] == [80.0] and rows[0]["linear_few"] == [85.0]
