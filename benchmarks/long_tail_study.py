@@ -30,7 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import JOB_ENV, REPO, add_run_arguments, linear_probe, mean_std, prepare_runs, pretrain  # noqa: E402
+from quality import (JOB_ENV, REPO, add_run_arguments, cached_probe_record, linear_probe, mean_std,  # noqa: E402
+                     prepare_runs, pretrain)
 
 METHODS = ["simsiam", "simsiam_bf", "mocov3", "mocov3_bf"]
 SPLITS = {"lt": "_lt", "balanced": "_lt_balanced"}
@@ -63,20 +64,11 @@ def stored_knn(directory: Path) -> dict | None:
     return None
 
 
-def stored_linear(directory: Path) -> dict | None:
-    """The last cached probe of the run's linear_probe.json, if `python -m linear_probe` wrote one."""
-    path = directory / "linear_probe.json"
-    if not path.is_file():
-        return None
-    cached = [e for e in json.loads(path.read_text())["entries"].values() if e.get("mode") == "cached"]
-    return cached[-1] if cached else None
-
-
 def finished(directory: Path) -> tuple[dict, dict] | None:
     """(kNN record, linear record) of a run whose pretraining and both evaluations are written, else None."""
     if not (directory / "timing.json").is_file():
         return None
-    knn, linear = stored_knn(directory), stored_linear(directory)
+    knn, linear = stored_knn(directory), cached_probe_record(directory / "linear_probe.json")
     return (knn, linear) if knn is not None and linear is not None else None
 
 
@@ -92,7 +84,7 @@ def knn_result(directory: Path) -> dict:
 
 def linear_result(directory: Path) -> dict:
     linear_probe(directory)  # runs the cached probe unless its result is there
-    return stored_linear(directory)
+    return cached_probe_record(directory / "linear_probe.json")
 
 
 def summarise(runs: dict, few: list[int], seeds: dict | None = None) -> list[dict]:

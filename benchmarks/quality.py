@@ -66,13 +66,18 @@ def pretrain(recipe: str, seed: int, directory: Path, overrides: list[str]) -> f
     return seconds
 
 
-def cached_probe_top1(path: Path) -> float | None:
-    """The default cached probe's top-1 in a run's linear_probe.json (entries keyed by settings), if there."""
+def cached_probe_record(path: Path) -> dict | None:
+    """The last cached probe's record in a run's linear_probe.json (entries keyed by settings), if there."""
     if not path.is_file():
         return None
     entries = json.loads(path.read_text()).get("entries", {})
     cached = [e for e in entries.values() if e.get("mode") == "cached"]
-    return cached[-1]["top1"] if cached else None
+    return cached[-1] if cached else None
+
+
+def cached_probe_top1(path: Path) -> float | None:
+    record = cached_probe_record(path)
+    return None if record is None else record["top1"]
 
 
 def linear_probe(directory: Path) -> float:

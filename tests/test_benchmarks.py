@@ -108,8 +108,20 @@ def test_long_tail_study_finished_only_takes_runs_with_both_evaluations(tmp_path
         return directory
 
     assert finished(run("done")) == (knn, linear)
-    assert finished(run("training", timing=False)) is None  # still pretraining: its evaluations are stale
+    assert finished(run("training", timing=False)) is None  # no timing.json: pretraining has not finished
     assert finished(run("no_probe", probe=False)) is None
     assert finished(run("no_knn", knn_entry=False)) is None
     rows = summarise({("mocov3", "lt"): [(knn, linear)]}, [7, 8, 9], {("mocov3", "lt"): [2]})
     assert rows[0]["seeds"] == [2] and rows[0]["knn_top1"] == [80.0] and rows[0]["linear_few"] == [85.0]
+    # the command itself: one finished run of the two asked for, tabulated with its seed; nothing finished -> exit 1
+    out = tmp_path / "study"
+    (out / "test").mkdir(parents=True)
+    (tmp_path / "done").rename(out / "test" / "mocov3_lt_s1")
+    cmd = [sys.executable, "benchmarks/long_tail_study.py", "--finished-only", "--out", str(out), "--seeds", "1",
+           "--splits", "lt", "--methods"]
+    shown = subprocess.run([*cmd, "mocov3", "mocov3_bf"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert "not finished (left out): mocov3_bf lt seed 1" in shown
+    assert [r["seeds"] for r in json.loads((out / "test" / "long_tail.json").read_text())["rows"]] == [[1]]
+    assert not list((out / "test").glob("mocov3_bf*"))  # started nothing
+    empty = subprocess.run([*cmd, "mocov3_bf"], cwd=REPO, capture_output=True, text=True)
+    assert empty.returncode == 1 and "no finished run" in empty.stderr
