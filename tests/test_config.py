@@ -49,6 +49,7 @@ def test_quick_run_keys_and_override_types():
     (["data.imbalance_ratio=0.5"], ["data.imbalance_ratio must be >= 1"]),
     (["data.pretrain_limit=0"], ["data.pretrain_limit must be >= 1"]),
     (["optim.final_lr_ratio=1.5"], ["optim.final_lr_ratio must be in [0, 1]"]),
+    (["method.momentum_final=0.9"], ["method.momentum_final must be in [method.momentum, 1]"]),
     (["output_dir="], ["'output_dir' expects str, got None"]),
     (["output_dir=''"], ["output_dir must name a directory"]),
 ])

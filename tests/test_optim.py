@@ -79,6 +79,10 @@ def test_moco_momentum_is_the_papers_formula():
     for t in (0, 1, 37, 99, 100):
         expected = 1 - (1 - 0.99) * (math.cos(math.pi * t / 100) + 1) / 2
         assert moco_momentum(t, 100, 0.99) == pytest.approx(expected)
+        # method.momentum_final: the same half cosine ending at 0.996 instead of 1; at m0 it is a constant.
+        assert moco_momentum(t, 100, 0.99, 0.996) == pytest.approx(
+            0.996 - (0.996 - 0.99) * (math.cos(math.pi * t / 100) + 1) / 2)
+        assert moco_momentum(t, 100, 0.99, 0.99) == pytest.approx(0.99)
 
 
 def test_apply_lr_honours_lr_scale_and_fixed_lr():

@@ -60,18 +60,23 @@ SHRUNK = ["train.epochs=2", "train.batch_size=16", "train.log_every_n_steps=1", 
           "model.width=0.125", "method.proj_hidden_dim=64", "method.proj_dim=32"]
 
 
-def test_final_lr_ratio_ends_the_cosine_above_zero(tmp_path, fake_fashion_mnist, own_process_state):
+def test_final_lr_ratio_and_momentum_final_move_the_schedules_ends(tmp_path, fake_fashion_mnist, own_process_state):
     from batchssl.train import train
 
     cfg = load_config(REPO / "recipes" / "fashion_mnist" / "mocov3_bf.yaml", [
-        *SHRUNK, "optim.final_lr_ratio=0.5", "optim.warmup_epochs=0", "monitor.enabled=false",
-        f"output_dir={tmp_path}"])
+        *SHRUNK, "optim.final_lr_ratio=0.5", "optim.warmup_epochs=0", "method.momentum_final=0.995",
+        "monitor.enabled=false", f"output_dir={tmp_path}"])
     train(cfg)
-    lrs = [m["lr"] for m in read_metrics(tmp_path) if "loss" in m]
-    peak = peak_lr(cfg)
+    steps = [m for m in read_metrics(tmp_path) if "loss" in m]
+    lrs, momenta = [m["lr"] for m in steps], [m["momentum"] for m in steps]
+    peak, m0 = peak_lr(cfg), cfg.method.momentum
     # 4 steps, no warmup: the half cosine from peak to peak / 2, peak * (0.5 + 0.25 (1 + cos(pi t / 4))), t = 0..3.
     assert lrs == pytest.approx([peak * (0.5 + 0.25 * (1 + math.cos(math.pi * t / 4))) for t in range(4)])
     assert lrs[-1] > peak / 2
+    # MoCo's momentum rises from m0 towards 0.995, not 1 (logged as float32).
+    assert m0 == 0.99
+    assert momenta == pytest.approx([0.995 - (0.995 - m0) * (1 + math.cos(math.pi * t / 4)) / 2 for t in range(4)],
+                                    abs=1e-6)
 
 
 def test_train_in_process_writes_the_run_directory(tmp_path, fake_fashion_mnist, own_process_state):

@@ -73,7 +73,10 @@ class MethodConfig:
     pred_hidden_dim: int = 512
     pred_last_bn: bool = False  # MoCo v3: BN (no affine) on the predictor output for ViT, none for ResNet
     temperature: float = 1.0  # MoCo v3 tau
-    momentum: float = 0.99  # MoCo v3 m0 (cosine to 1)
+    momentum: float = 0.99  # MoCo v3 m0, the momentum encoder's EMA factor at the first step
+    # ... rising by a half cosine to this at the last step (1: MoCo v3's and BYOL's schedule; equal to
+    # method.momentum: a constant momentum, as MoCo v1/v2)
+    momentum_final: float = 1.0
 
 
 @dataclass
@@ -325,6 +328,8 @@ def validate(cfg: Config) -> None:
         (m.collapse_patience >= 1, "monitor.collapse_patience must be >= 1"),
         (_finite(cfg.method.temperature) and cfg.method.temperature > 0, "method.temperature must be > 0"),
         (0 <= cfg.method.momentum <= 1, "method.momentum must be in [0, 1]"),
+        (cfg.method.momentum <= cfg.method.momentum_final <= 1,
+         "method.momentum_final must be in [method.momentum, 1]"),
         (cfg.method.proj_layers >= 2, "method.proj_layers must be >= 2"),
         (min(cfg.method.proj_dim, cfg.method.proj_hidden_dim, cfg.method.pred_hidden_dim) >= 1,
          "method.proj_dim, proj_hidden_dim and pred_hidden_dim must be >= 1"),

@@ -2,7 +2,7 @@
 
 loss = ctr(q1, k2) + ctr(q2, k1), ctr(q, k) = CE(q . all_gather(k)^T / tau, arange(N) + N * rank) * 2 tau, with
 q, k l2-normalised; keys from the momentum encoder (EMA of backbone + projector), whose momentum follows
-m = 1 - (1 - m0) (cos(pi t / T) + 1) / 2 per step.
+m = 1 - (1 - m0) (cos(pi t / T) + 1) / 2 per step (the paper's; `method.momentum_final` moves the end from 1).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from batchssl.methods.base import SSLMethod, mlp, upcast
 from batchssl.optim import warmup_cosine
 
 
-def moco_momentum(step: int, total_steps: int, m0: float) -> float:
-    """m0 at step 0, cosine up to 1 at the last step."""
-    return warmup_cosine(step, total_steps, 0, m0, end=1.0)
+def moco_momentum(step: int, total_steps: int, m0: float, final: float = 1.0) -> float:
+    """m0 at step 0, a half cosine up to `final` (the paper's 1) at the last step."""
+    return warmup_cosine(step, total_steps, 0, m0, end=final)
 
 
 def contrastive_loss(q: Tensor, k: Tensor, temperature: float) -> Tensor:
@@ -38,7 +38,7 @@ def contrastive_loss(q: Tensor, k: Tensor, temperature: float) -> Tensor:
 class MoCoV3(SSLMethod):
     def __init__(self, backbone: nn.Module, feature_dim: int, cfg: MethodConfig, batchformer: BatchFormerConfig):
         super().__init__(backbone, feature_dim, batchformer)
-        self.temperature, self.m0 = cfg.temperature, cfg.momentum
+        self.temperature, self.m0, self.m_final = cfg.temperature, cfg.momentum, cfg.momentum_final
         self.projector = mlp(feature_dim, cfg.proj_hidden_dim, cfg.proj_dim, cfg.proj_layers, last_bn=True)
         # The predictor's output BN only for ViT, as the official code builds it.
         self.predictor = mlp(cfg.proj_dim, cfg.proj_hidden_dim, cfg.proj_dim, 2, last_bn=cfg.pred_last_bn)
@@ -52,7 +52,7 @@ class MoCoV3(SSLMethod):
 
     def forward(self, views: list[Tensor], step: int = 0, total_steps: int = 1) -> dict[str, Tensor]:
         n = views[0].shape[0]
-        m = moco_momentum(step, total_steps, self.m0)
+        m = moco_momentum(step, total_steps, self.m0, self.m_final)
         z1, z2 = self.project(views)
         with torch.no_grad():
             if self.training:
