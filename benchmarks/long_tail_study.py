@@ -104,6 +104,16 @@ def summarise(runs: dict, few: list[int], seeds: dict | None = None) -> list[dic
     return rows
 
 
+SPLIT_LABELS = {"lt": "long-tailed (ratio 100)", "balanced": "balanced, same size"}
+
+
+def seed_counts(rows: list[dict], split: str) -> str:
+    """The legend says how many seeds stand behind the bars of a split, so a bar of one seed (no error bar) reads
+    as one."""
+    counts = sorted({len(r["knn_top1"]) for r in rows if r["split"] == split})
+    return "seeds: " + "/".join(map(str, counts))
+
+
 def plot(rows: list[dict], path: Path, images: int, splits: list[str]) -> None:
     import matplotlib
 
@@ -118,7 +128,7 @@ def plot(rows: list[dict], path: Path, images: int, splits: list[str]) -> None:
                      for r in rows if r["method"] == m and r["split"] == split]
             ax.bar([i + 0.38 * j for i, _ in found], [statistics.fmean(v) for _, v in found], 0.38,
                    yerr=[statistics.stdev(v) if len(v) > 1 else 0 for _, v in found], capsize=3,
-                   label={"lt": "long-tailed (ratio 100)", "balanced": "balanced, same size"}[split])
+                   label=f"{SPLIT_LABELS[split]} ({seed_counts(rows, split)})")
         ax.set_xticks([i + 0.19 for i in range(len(methods))], methods)
         ax.set_title(title)
         ax.set_ylabel("%")
@@ -126,7 +136,7 @@ def plot(rows: list[dict], path: Path, images: int, splits: list[str]) -> None:
         ax.set_ylim(max(0, low - 10), 100)
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"Fashion-MNIST-LT: pretraining on {images} images, balanced evaluation (mean +- std over seeds)")
+    fig.suptitle(f"Fashion-MNIST-LT: pretraining on {images} images, balanced evaluation (mean +- std over the seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

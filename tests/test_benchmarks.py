@@ -89,7 +89,7 @@ def test_long_tail_study_scores_the_lt_runs_rare_classes_in_both_runs():
 
 def test_long_tail_study_finished_only_takes_runs_with_both_evaluations(tmp_path):
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from long_tail_study import finished, summarise
+    from long_tail_study import finished, seed_counts, summarise
 
     knn = {"top1": 80.0, "per_class": [80.0] * 10}
     linear = {"top1": 85.0, "per_class": [85.0] * 10, "mode": "cached"}
@@ -113,6 +113,9 @@ def test_long_tail_study_finished_only_takes_runs_with_both_evaluations(tmp_path
     assert finished(run("no_knn", knn_entry=False)) is None
     rows = summarise({("mocov3", "lt"): [(knn, linear)]}, [7, 8, 9], {("mocov3", "lt"): [2]})
     assert rows[0]["seeds"] == [2] and rows[0]["knn_top1"] == [80.0] and rows[0]["linear_few"] == [85.0]
+    # the plot's legend says how many seeds a split's bars stand on (one: no error bar)
+    two = summarise({("mocov3", "lt"): [(knn, linear)] * 2, ("mocov3_bf", "lt"): [(knn, linear)]}, [7, 8, 9])
+    assert seed_counts(two, "lt") == "seeds: 1/2" and seed_counts(rows, "lt") == "seeds: 1"
     # the command itself: one finished run of the two asked for, tabulated with its seed; nothing finished -> exit 1
     out = tmp_path / "study"
     (out / "test").mkdir(parents=True)
