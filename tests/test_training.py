@@ -4,7 +4,6 @@ import json
 import math
 import re
 import shutil
-import signal
 
 import pytest
 
@@ -12,8 +11,7 @@ from batchssl.backbones import build_backbone
 from batchssl.checkpoint import complete_checkpoints, load_backbone
 from batchssl.config import load_run_config
 from batchssl.data import dataset_info
-from batchssl.train import KILL_AFTER_STEP
-from helpers import TINY, knn_lines, read_metrics, run_pretrain, step_lines, step_losses
+from helpers import TINY, read_metrics, run_pretrain, step_losses
 
 
 @pytest.mark.slow
@@ -53,37 +51,6 @@ def test_compiled_backbone_trains_like_the_eager_one_and_keeps_its_names(tmp_pat
     info = dataset_info(cfg.data)
     backbone, _ = build_backbone(cfg.model, info.in_channels, info.image_size)
     load_backbone(backbone, tmp_path / "compiled" / "backbone.safetensors")  # strict: no _orig_mod. prefix
-
-
-def without_timings(run) -> list[dict]:
-    """metrics.jsonl without the wall-clock numbers, which no two runs share."""
-    return [{k: v for k, v in m.items() if k not in ("images_per_s", "knn_seconds")} for m in read_metrics(run)]
-
-
-@pytest.mark.slow
-def test_resume_after_kill_reproduces_the_uninterrupted_losses(tmp_path):
-    args = ["--config", "recipes/fashion_mnist/simsiam_bf.yaml", *TINY, "train.epochs=3",
-            "checkpoint.every_n_epochs=1", "checkpoint.keep_last=5", "monitor.every_n_epochs=1"]
-    straight = tmp_path / "straight"
-    run_pretrain([*args, f"output_dir={straight}"])
-    assert step_lines(straight) == list(range(1, 13))  # 256 images / 64 = 4 steps an epoch
-
-    # The trainer kills itself (SIGKILL) right after logging step 6: the middle of epoch 2, after epoch 1's kNN
-    # line and checkpoint. Then the very same command again.
-    killed = tmp_path / "killed"
-    result = run_pretrain([*args, f"output_dir={killed}"], check=False, env={KILL_AFTER_STEP: "6"})
-    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
-    assert step_lines(killed) == list(range(1, 7)) and [e for e, *_ in knn_lines(killed)] == [1]
-    assert [p.name for p in complete_checkpoints(killed)] == ["epoch_0001"]
-
-    result = run_pretrain([*args, f"output_dir={killed}"])
-    resumed = [line for line in result.stdout.splitlines() if line.startswith("resumed from")]
-    assert resumed == [f"resumed from {killed / 'checkpoints' / 'epoch_0001'} (epoch 1)"]
-    # Steps 5 and 6 were logged again, not twice; each epoch's kNN line once, the checkpointed epoch's too.
-    assert step_lines(killed) == list(range(1, 13))
-    assert [e for e, *_ in knn_lines(killed)] == [1, 2, 3]
-    # Exactly the uninterrupted run, line by line: losses, lr, z_std, loss_bf, kNN (the monitor's draws included).
-    assert without_timings(killed) == without_timings(straight)
 
 
 def _one_line_error(result) -> str:
