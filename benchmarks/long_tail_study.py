@@ -5,7 +5,9 @@ For every method (SimSiam, SimSiam+BF, MoCo v3, MoCo v3+BF), seed and split: pre
 (the first 14886 training images, nearly balanced: the same number of images and steps), then score the frozen
 backbone on the balanced evaluation splits: `python -m knn_eval` (k = 200, T = 0.07, the recipes' monitor
 settings) and the cached linear probe (`python -m linear_probe`). Reported at the final epoch, mean +- sample std
-over seeds: top-1, the mean accuracy over the few classes, and the std of the per-class accuracies.
+over seeds: top-1, the mean accuracy over the few classes, and the std of the per-class accuracies; then, for each
+method with and without BatchFormer on the same split, BF minus plain and Welch's t-test p over the seeds (scipy's
+`ttest_ind(equal_var=False)`: the seed variances differ between methods).
 
 "Few" means the same classes in both runs: the last third of the classes by the long-tailed split's counts
 (classes 7, 8, 9: 166, 100 and 60 images), so the balanced run shows what those classes reach when pretraining
@@ -104,6 +106,28 @@ def summarise(runs: dict, few: list[int], seeds: dict | None = None) -> list[dic
     return rows
 
 
+METRICS = ["knn_top1", "knn_few", "knn_class_std", "linear_top1", "linear_few", "linear_class_std"]
+
+
+def bf_effects(rows: list[dict]) -> list[dict]:
+    """For each (method, split) that has a `<method>_bf` twin, with at least two seeds on both sides: per metric,
+    the difference of the means (BF minus plain) and Welch's two-sided p over the per-seed values."""
+    from scipy.stats import ttest_ind
+
+    by_key = {(r["method"], r["split"]): r for r in rows}
+    effects = []
+    for (method, split), plain in by_key.items():
+        with_bf = by_key.get((method + "_bf", split))
+        if with_bf is None or len(plain["knn_top1"]) < 2 or len(with_bf["knn_top1"]) < 2:
+            continue
+        effect = {"method": method, "split": split}
+        for metric in METRICS:
+            effect[metric] = {"difference": statistics.fmean(with_bf[metric]) - statistics.fmean(plain[metric]),
+                              "welch_p": float(ttest_ind(with_bf[metric], plain[metric], equal_var=False).pvalue)}
+        effects.append(effect)
+    return effects
+
+
 SPLIT_LABELS = {"lt": "long-tailed (ratio 100)", "balanced": "balanced, same size"}
 
 
@@ -194,8 +218,16 @@ def main() -> None:
         print(f"{r['method'] + args.tag:<12} {r['split']:<9} {','.join(map(str, r['seeds'])):<7} "
               f"{mean_std(r['knn_top1']):>14} {mean_std(r['knn_few']):>14} {mean_std(r['knn_class_std']):>12} "
               f"{mean_std(r['linear_top1']):>14} {mean_std(r['linear_few']):>14}")
+    effects = bf_effects(rows)
+    if effects:
+        print("\nBatchFormer minus plain, difference of the means (Welch's two-sided p over the seeds)")
+        print(f"{'method':<12} {'split':<9} " + " ".join(f"{m:>17}" for m in METRICS))
+        for e in effects:
+            print(f"{e['method']:<12} {e['split']:<9} " + " ".join(
+                f"{e[m]['difference']:+7.2f} (p {e[m]['welch_p']:.2f})" for m in METRICS))
     (out / f"long_tail{args.tag}.json").write_text(json.dumps(
-        {"rows": rows, "few_classes": few, "lt_counts": lt_counts, "seeds": args.seeds, "overrides": overrides},
+        {"rows": rows, "bf_vs_plain": effects, "few_classes": few, "lt_counts": lt_counts, "seeds": args.seeds,
+         "overrides": overrides},
         indent=1))
     plot(rows, out / f"long_tail{args.tag}.png", sum(lt_counts), args.splits)
     print(f"written {out / f'long_tail{args.tag}.json'} and {out / f'long_tail{args.tag}.png'}")

@@ -87,6 +87,27 @@ def test_long_tail_study_scores_the_lt_runs_rare_classes_in_both_runs():
                      "linear_class_std": [pytest.approx(28.722813), 0.0]}]
 
 
+def test_long_tail_study_welch_p_by_hand():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from long_tail_study import METRICS, bf_effects
+
+    def row(method, split, values):
+        return {"method": method, "split": split, **{m: values for m in METRICS}}
+
+    # BF: two seeds, 5 +- sqrt(2/3) (variance 4/3); plain: 1, 2, 3 (variance 1). Welch: se = sqrt(2/3 + 1/3) = 1,
+    # t = (5 - 2) / 1 = 3, df = 1 / ((2/3)^2 / 1 + (1/3)^2 / 2) = 2, and for df = 2 the two-sided p is
+    # 1 - t / sqrt(2 + t^2) = 0.0955 (Student's pooled test would give t = 3.12 on 3 df: a different p)
+    half = (2 / 3) ** 0.5
+    rows = [row("simsiam", "lt", [1.0, 2.0, 3.0]), row("simsiam_bf", "lt", [5.0 - half, 5.0 + half]),
+            row("mocov3", "lt", [1.0, 2.0]), row("mocov3_bf", "lt", [1.0]),  # one BF seed: no test
+            row("simsiam", "balanced", [1.0, 2.0])]  # no BF twin on that split
+    effects = bf_effects(rows)
+    assert [(e["method"], e["split"]) for e in effects] == [("simsiam", "lt")]
+    for metric in METRICS:
+        assert effects[0][metric]["difference"] == pytest.approx(3.0)
+        assert effects[0][metric]["welch_p"] == pytest.approx(1 - 3 / 11 ** 0.5, abs=1e-9)
+
+
 def test_long_tail_study_finished_only_takes_runs_with_both_evaluations(tmp_path):
     sys.path.insert(0, str(REPO / "benchmarks"))
     from long_tail_study import finished, seed_counts, summarise
@@ -124,7 +145,8 @@ def test_long_tail_study_finished_only_takes_runs_with_both_evaluations(tmp_path
            "--splits", "lt", "--methods"]
     shown = subprocess.run([*cmd, "mocov3", "mocov3_bf"], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert "not finished (left out): mocov3_bf lt seed 1" in shown
-    assert [r["seeds"] for r in json.loads((out / "test" / "long_tail.json").read_text())["rows"]] == [[1]]
+    written = json.loads((out / "test" / "long_tail.json").read_text())
+    assert [r["seeds"] for r in written["rows"]] == [[1]] and written["bf_vs_plain"] == []  # one seed: no test
     assert not list((out / "test").glob("mocov3_bf*"))  # started nothing
     empty = subprocess.run([*cmd, "mocov3_bf"], cwd=REPO, capture_output=True, text=True)
     assert empty.returncode == 1 and "no finished run" in empty.stderr
