@@ -38,6 +38,21 @@ def knn_lines(run) -> list[tuple[int, float]]:
     return [(m["epoch"], m["knn_top1"]) for m in read_metrics(run) if "knn_top1" in m]
 
 
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """The uninterrupted reference run of a command, made once per module for the tests that share it (mocov3_bf's
+    is the reference of both the mid-epoch and the mid-checkpoint kill): returns its output directory."""
+    made = {}
+
+    def run(args):
+        key = tuple(args)
+        if key not in made:
+            made[key] = tmp_path_factory.mktemp("straight")
+            pretrain([*args, f"output_dir={made[key]}"])
+        return made[key]
+    return run
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe, extra", [
     # The four Fashion-MNIST recipes share their loader settings (data.pipeline auto -> views on the device,
@@ -47,9 +62,9 @@ def knn_lines(run) -> list[tuple[int, float]]:
     # The lightly path in a loader worker (ImageFolder's pipeline), where BatchFormer's dropout once drifted.
     ("simsiam_bf", ["data.pipeline=workers", "data.num_workers=1"]),
 ])
-def test_killed_mid_epoch_resumes_exactly(recipe, extra, tmp_path):
+def test_killed_mid_epoch_resumes_exactly(recipe, extra, tmp_path, straight_run):
     args = ["--config", f"recipes/fashion_mnist/{recipe}.yaml", *SHORT, *extra]
-    pretrain([*args, f"output_dir={tmp_path / 'straight'}"])
+    reference = straight_run(args)
 
     killed = tmp_path / "killed"
     died = pretrain([*args, f"output_dir={killed}"], env={"BATCHSSL_TEST_KILL_AFTER_STEP": "6"}, check=False)
@@ -59,29 +74,29 @@ def test_killed_mid_epoch_resumes_exactly(recipe, extra, tmp_path):
     resumed = pretrain([*args, f"output_dir={killed}"])
     assert f"resumed from {killed / 'checkpoints' / 'epoch_0001'} (epoch 1)" in resumed.stdout.splitlines()
 
-    straight = step_losses(tmp_path / "straight")
+    straight = step_losses(reference)
     assert sorted(straight) == list(range(1, 13))
     assert step_losses(killed) == straight  # every step once, bit for bit
     assert [m["step"] for m in read_metrics(killed) if "loss" in m] == list(range(1, 13))
-    assert knn_lines(killed) == knn_lines(tmp_path / "straight") and len(knn_lines(killed)) == 3
+    assert knn_lines(killed) == knn_lines(reference) and len(knn_lines(killed)) == 3
     # Exactly the uninterrupted run, line by line: losses, lr, z_std, loss_bf, kNN (the monitor's draws included).
-    assert without_timings(killed) == without_timings(tmp_path / "straight")
-    assert (killed / "backbone.safetensors").read_bytes() == (tmp_path / "straight" / "backbone.safetensors").read_bytes()
+    assert without_timings(killed) == without_timings(reference)
+    assert (killed / "backbone.safetensors").read_bytes() == (reference / "backbone.safetensors").read_bytes()
 
 
 @pytest.mark.slow
-def test_killed_while_writing_a_checkpoint_resumes_exactly(tmp_path):
+def test_killed_while_writing_a_checkpoint_resumes_exactly(tmp_path, straight_run):
     args = ["--config", "recipes/fashion_mnist/mocov3_bf.yaml", *SHORT]
-    pretrain([*args, f"output_dir={tmp_path / 'straight'}"])
+    reference = straight_run(args)
     killed = tmp_path / "killed"
     died = pretrain([*args, f"output_dir={killed}"], env={"BATCHSSL_TEST_KILL_IN_CHECKPOINT": "2"}, check=False)
     assert died.returncode == -signal.SIGKILL
     assert [p.name for p in complete_checkpoints(killed)] == ["epoch_0001"]  # the half-written one does not count
     assert (killed / "checkpoints" / ".tmp-epoch_0002").is_dir()
     pretrain([*args, f"output_dir={killed}"])
-    assert step_losses(killed) == step_losses(tmp_path / "straight")
-    assert knn_lines(killed) == knn_lines(tmp_path / "straight")
-    assert (killed / "backbone.safetensors").read_bytes() == (tmp_path / "straight" / "backbone.safetensors").read_bytes()
+    assert step_losses(killed) == step_losses(reference)
+    assert knn_lines(killed) == knn_lines(reference)
+    assert (killed / "backbone.safetensors").read_bytes() == (reference / "backbone.safetensors").read_bytes()
 
 
 @pytest.mark.slow
