@@ -149,6 +149,9 @@ def test_lt_recipes_are_their_twins_plus_the_ratio():
         for d in (lt, twin):  # the schedule is rescaled to the twin's number of steps
             d.pop("output_dir"), d["data"].pop("imbalance_ratio"), d["train"].pop("epochs")
             d["optim"].pop("warmup_epochs"), d["checkpoint"].pop("every_n_epochs"), d["monitor"].pop("every_n_epochs")
+            # the LT study ran on the papers' schedule ends; the 5-epoch Fashion-MNIST MoCo v3 twins moved to
+            # constant ones after it (BENCHMARKS.md, round 4), so the LT recipes keep the ends they were measured with
+            d["optim"].pop("final_lr_ratio"), d["method"].pop("momentum_final", None)
         assert lt == twin, path.name
         balanced = path.with_name(path.stem + "_balanced.yaml")
         if balanced.is_file():  # Fashion-MNIST: the balanced run of the LT split's size

@@ -44,6 +44,7 @@ def test_plan_prints_the_derived_numbers(tmp_path):
     out = result.stdout
     # The default recipe at 256 images, batch 64: 4 steps per epoch, peak lr 0.3 * 64 / 256, 0.5 warmup epochs.
     assert "64 global, 64 per process" in out and "peak 0.075" in out and "warmup 2 steps" in out
+    assert "then constant; MoCo momentum constant 0.99" in out  # the default recipe's schedule ends
     assert "4 per epoch x 3 epochs = 12" in out
     assert "backbone 0.700 M" in out and "batchformer" in out and "momentum encoder" in out
     assert "s / step" in out and "GiB" in out

@@ -102,7 +102,10 @@ def test_train_in_process_writes_the_run_directory(tmp_path, fake_fashion_mnist,
     for m in steps:
         assert {"loss", "loss_main", "loss_bf", "momentum", "z_std", "lr", "images_per_s"} <= set(m)
         assert math.isfinite(m["loss"]) and m["loss"] == pytest.approx(m["loss_main"] + m["loss_bf"], rel=1e-5)
-        assert m["lr"] == warmup_cosine(m["step"] - 1, 4, warmup, peak)
+        # the recipe holds the peak after the warmup (optim.final_lr_ratio 1.0) and MoCo's momentum at 0.99
+        assert m["lr"] == warmup_cosine(m["step"] - 1, 4, warmup, peak, end=peak * cfg.optim.final_lr_ratio)
+        assert m["momentum"] == pytest.approx(cfg.method.momentum)
+    assert [m["lr"] for m in steps][warmup:] == [peak] * (4 - warmup)
     knn = [m for m in metrics if "knn_top1" in m]
     assert [(m["epoch"], m["step"], m["knn_k"]) for m in knn] == [(1, 2, 20), (2, 4, 20)]
     assert [m for m in metrics if "loss" not in m and "knn_top1" not in m] == []

@@ -79,7 +79,9 @@ def plan(cfg: Config, timed_steps: int = 3) -> list[tuple[str, str]]:
                    f"precision {precision}, pipeline {type(pipeline).__name__}"),
         ("batch", f"{cfg.train.batch_size} global, {cfg.train.batch_size // world} per process"),
         ("learning rate", f"peak {peak_lr(cfg):g} (base {cfg.optim.base_lr:g} x {cfg.train.batch_size} / 256), "
-                          f"{cfg.optim.name}, warmup {warmup} steps then cosine"),
+                          f"{cfg.optim.name}, warmup {warmup} steps then "
+                          f"{_decay(peak_lr(cfg), cfg.optim.final_lr_ratio)}"
+                          + (f"; MoCo momentum {_momentum(cfg.method)}" if cfg.method.name == "mocov3" else "")),
         ("steps", f"{spe} per epoch x {cfg.train.epochs} epochs = {total}"),
         ("parameters", ", ".join(f"{k} {v / 1e6:.3f} M" for k, v in parts.items())
          + (f", momentum encoder {momentum / 1e6:.3f} M (not trained)" if momentum else "")),
@@ -89,6 +91,16 @@ def plan(cfg: Config, timed_steps: int = 3) -> list[tuple[str, str]]:
     ]
     accelerator.end_training()
     return rows
+
+
+def _decay(peak: float, final_ratio: float) -> str:
+    return "constant" if final_ratio == 1 else f"cosine to {peak * final_ratio:g}"
+
+
+def _momentum(method) -> str:
+    if method.momentum_final == method.momentum:
+        return f"constant {method.momentum:g}"
+    return f"cosine {method.momentum:g} -> {method.momentum_final:g}"
 
 
 def print_plan(cfg: Config) -> None:
