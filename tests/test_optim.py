@@ -71,7 +71,7 @@ def test_scheduled_lr_decays_to_the_final_ratio():
     assert scheduled_lr(cfg, 10, 100, 10) == pytest.approx(peak)
     assert scheduled_lr(cfg, 55, 100, 10) == pytest.approx(peak * (0.25 + 0.75 / 2))  # half way down the cosine
     assert scheduled_lr(cfg, 100, 100, 10) == pytest.approx(peak * 0.25)
-    # Where a recipe says nothing, the papers' decay to zero (SimSiam's recipes, the long and LT MoCo v3 ones) ...
+    # Ratio 0 is the papers' decay to zero, and the library's default where a recipe says nothing ...
     assert scheduled_lr(load_config(None, ["optim.final_lr_ratio=0"]), 100, 100, 10) == 0.0
     assert OptimConfig().final_lr_ratio == 0.0 and MethodConfig().momentum_final == 1.0
     # ... and the default recipe holds its peak after the warmup (chosen on the held-out split, BENCHMARKS.md).
