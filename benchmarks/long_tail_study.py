@@ -32,8 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import (JOB_ENV, REPO, add_run_arguments, cached_probe_record, linear_probe, mean_std,  # noqa: E402
-                     prepare_runs, pretrain)
+from quality import (JOB_ENV, REPO, add_run_arguments, bf_effects, cached_probe_record, linear_probe,  # noqa: E402
+                     mean_std, prepare_runs, pretrain, print_bf_effects)
 
 METHODS = ["simsiam", "simsiam_bf", "mocov3", "mocov3_bf"]
 SPLITS = {"lt": "_lt", "balanced": "_lt_balanced"}
@@ -107,25 +107,6 @@ def summarise(runs: dict, few: list[int], seeds: dict | None = None) -> list[dic
 
 
 METRICS = ["knn_top1", "knn_few", "knn_class_std", "linear_top1", "linear_few", "linear_class_std"]
-
-
-def bf_effects(rows: list[dict]) -> list[dict]:
-    """For each (method, split) that has a `<method>_bf` twin, with at least two seeds on both sides: per metric,
-    the difference of the means (BF minus plain) and Welch's two-sided p over the per-seed values."""
-    from scipy.stats import ttest_ind
-
-    by_key = {(r["method"], r["split"]): r for r in rows}
-    effects = []
-    for (method, split), plain in by_key.items():
-        with_bf = by_key.get((method + "_bf", split))
-        if with_bf is None or len(plain["knn_top1"]) < 2 or len(with_bf["knn_top1"]) < 2:
-            continue
-        effect = {"method": method, "split": split}
-        for metric in METRICS:
-            effect[metric] = {"difference": statistics.fmean(with_bf[metric]) - statistics.fmean(plain[metric]),
-                              "welch_p": float(ttest_ind(with_bf[metric], plain[metric], equal_var=False).pvalue)}
-        effects.append(effect)
-    return effects
 
 
 SPLIT_LABELS = {"lt": "long-tailed (ratio 100)", "balanced": "balanced, same size"}
@@ -218,13 +199,8 @@ def main() -> None:
         print(f"{r['method'] + args.tag:<12} {r['split']:<9} {','.join(map(str, r['seeds'])):<7} "
               f"{mean_std(r['knn_top1']):>14} {mean_std(r['knn_few']):>14} {mean_std(r['knn_class_std']):>12} "
               f"{mean_std(r['linear_top1']):>14} {mean_std(r['linear_few']):>14}")
-    effects = bf_effects(rows)
-    if effects:
-        print("\nBatchFormer minus plain, difference of the means (Welch's two-sided p over the seeds)")
-        print(f"{'method':<12} {'split':<9} " + " ".join(f"{m:>17}" for m in METRICS))
-        for e in effects:
-            print(f"{e['method']:<12} {e['split']:<9} " + " ".join(
-                f"{e[m]['difference']:+7.2f} (p {e[m]['welch_p']:.2f})" for m in METRICS))
+    effects = bf_effects(rows, METRICS, same=("split",))
+    print_bf_effects(effects, METRICS, same=("split",))
     (out / f"long_tail{args.tag}.json").write_text(json.dumps(
         {"rows": rows, "bf_vs_plain": effects, "few_classes": few, "lt_counts": lt_counts, "seeds": args.seeds,
          "overrides": overrides},

@@ -5,7 +5,8 @@ linear probe (`python -m linear_probe`). Reported at the FINAL epoch (never the 
 monitor (k and T of the recipe; equal to `python -m knn_eval`) and linear-probe top-1, as mean +- std over seeds
 (sample std), with the wall time of pretraining. Beside them two floors with the same kNN (bank = the training
 images the runs use, queries = their validation split): raw pixels, and the same backbone randomly initialised
-(one per seed). A PNG plots the monitor's kNN top-1 over epochs (mean over seeds) per recipe.
+(one per seed). For each recipe run beside its `_bf` twin on two seeds or more: BF minus plain and Welch's p.
+A PNG plots the monitor's kNN top-1 over epochs (mean over seeds) per recipe.
 
 Tuning happens on a held-out part of the training split, never on the test split: `--holdout 10000` adds
 `data.holdout=10000` to every run and floor (the last 10000 training images become the validation split).
@@ -127,6 +128,36 @@ def floors(recipe: str, seeds: list[int], overrides: list[str]) -> dict:
     return result
 
 
+def bf_effects(rows: list[dict], metrics: list[str], same: tuple[str, ...] = ()) -> list[dict]:
+    """For each row whose `method` has a `<method>_bf` twin (a row with that method and equal `same` fields), both
+    with at least two seeds: per metric, the difference of the means (BF minus plain) and Welch's two-sided p over
+    the per-seed values (scipy's `ttest_ind(equal_var=False)`: the seed variances differ between methods)."""
+    from scipy.stats import ttest_ind
+
+    by_key = {(r["method"], *(r[f] for f in same)): r for r in rows}
+    effects = []
+    for (method, *rest), plain in by_key.items():
+        with_bf = by_key.get((method + "_bf", *rest))
+        if with_bf is None or len(plain[metrics[0]]) < 2 or len(with_bf[metrics[0]]) < 2:
+            continue
+        effect = {"method": method, **dict(zip(same, rest))}
+        for metric in metrics:
+            effect[metric] = {"difference": statistics.fmean(with_bf[metric]) - statistics.fmean(plain[metric]),
+                              "welch_p": float(ttest_ind(with_bf[metric], plain[metric], equal_var=False).pvalue)}
+        effects.append(effect)
+    return effects
+
+
+def print_bf_effects(effects: list[dict], metrics: list[str], same: tuple[str, ...] = ()) -> None:
+    if not effects:
+        return
+    print("\nBatchFormer minus plain, difference of the means (Welch's two-sided p over the seeds)")
+    print(f"{'method':<12} " + "".join(f"{f:<9} " for f in same) + " ".join(f"{m:>18}" for m in metrics))
+    for e in effects:
+        print(f"{e['method']:<12} " + "".join(f"{e[f]:<9} " for f in same) + " ".join(
+            f"{e[m]['difference']:+7.2f} (p {e[m]['welch_p']:.3f})" for m in metrics))
+
+
 def mean_std(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.2f}"
@@ -200,7 +231,7 @@ def main() -> None:
             knn.append(runs[-1][-1][1])  # final epoch
             probe.append(top1)
         curves[recipe + args.tag] = runs
-        rows.append({"recipe": recipe + args.tag, "knn_top1": knn, "linear_top1": probe, "minutes": minutes})
+        rows.append({"recipe": recipe + args.tag, "method": recipe, "knn_top1": knn, "linear_top1": probe, "minutes": minutes})
     floor = floors(args.recipes[0], args.seeds, overrides)
 
     split = f"held-out last {args.holdout} training images" if args.holdout else "test split"
@@ -211,9 +242,11 @@ def main() -> None:
               f"{statistics.mean(row['minutes']):>13.1f}")
     print(f"{'floor: raw pixels':<22} {floor['raw_pixels']:>16.2f}")
     print(f"{'floor: random init':<22} {mean_std(floor['random_init']):>16}")
+    effects = bf_effects(rows, ["knn_top1", "linear_top1"])
+    print_bf_effects(effects, ["knn_top1", "linear_top1"])
     tag = args.tag or ""
-    (out / f"quality{tag}.json").write_text(json.dumps({"rows": rows, "floors": floor, "overrides": overrides,
-                                                        "seeds": args.seeds}, indent=1))
+    (out / f"quality{tag}.json").write_text(json.dumps({"rows": rows, "bf_vs_plain": effects, "floors": floor,
+                                                        "overrides": overrides, "seeds": args.seeds}, indent=1))
     plot(curves, floor, out / f"knn_over_epochs{tag}.png")
     print(f"written {out / f'quality{tag}.json'} and {out / f'knn_over_epochs{tag}.png'}")
 

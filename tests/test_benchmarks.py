@@ -29,6 +29,7 @@ def test_quality_benchmark_runs_two_recipes_at_once_and_reuses_them(tmp_path):
         assert (out / f"{row['recipe']}_s0.log").is_file()  # the run's output, kept beside it
     assert 0 < table["floors"]["raw_pixels"] <= 100 and len(table["floors"]["random_init"]) == 1
     assert (out / "knn_over_epochs.png").stat().st_size > 0
+    assert table["bf_vs_plain"] == []  # one seed and no BF twin: nothing to test
 
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -87,9 +88,10 @@ def test_long_tail_study_scores_the_lt_runs_rare_classes_in_both_runs():
                      "linear_class_std": [pytest.approx(28.722813), 0.0]}]
 
 
-def test_long_tail_study_welch_p_by_hand():
+def test_bf_effects_welch_p_by_hand():
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from long_tail_study import METRICS, bf_effects
+    from long_tail_study import METRICS
+    from quality import bf_effects
 
     def row(method, split, values):
         return {"method": method, "split": split, **{m: values for m in METRICS}}
@@ -101,11 +103,17 @@ def test_long_tail_study_welch_p_by_hand():
     rows = [row("simsiam", "lt", [1.0, 2.0, 3.0]), row("simsiam_bf", "lt", [5.0 - half, 5.0 + half]),
             row("mocov3", "lt", [1.0, 2.0]), row("mocov3_bf", "lt", [1.0]),  # one BF seed: no test
             row("simsiam", "balanced", [1.0, 2.0])]  # no BF twin on that split
-    effects = bf_effects(rows)
+    effects = bf_effects(rows, METRICS, same=("split",))
     assert [(e["method"], e["split"]) for e in effects] == [("simsiam", "lt")]
     for metric in METRICS:
         assert effects[0][metric]["difference"] == pytest.approx(3.0)
         assert effects[0][metric]["welch_p"] == pytest.approx(1 - 3 / 11 ** 0.5, abs=1e-9)
+    # quality.py's rows pair on the method alone (one split per table); the same numbers give the same test
+    table = [{"method": "mocov3", "knn_top1": [1.0, 2.0, 3.0]},
+             {"method": "mocov3_bf", "knn_top1": [5 - half, 5 + half]}, {"method": "simsiam_bf", "knn_top1": [1.0, 2.0]}]  # no plain twin: no test
+    effects = bf_effects(table, ["knn_top1"])
+    assert effects == [{"method": "mocov3", "knn_top1": {"difference": pytest.approx(3.0),
+                                                         "welch_p": pytest.approx(1 - 3 / 11 ** 0.5, abs=1e-9)}}]
 
 
 def test_long_tail_study_finished_only_takes_runs_with_both_evaluations(tmp_path):
