@@ -85,14 +85,23 @@ def linear_probe(directory: Path) -> float:
     path = directory / "linear_probe.json"
     if cached_probe_top1(path) is None:
         with open(directory.parent / f"{directory.name}.log", "a") as log:  # after the pretraining's output
-            subprocess.run([sys.executable, "-m", "linear_probe", "--run", str(directory)], cwd=REPO, check=True, env=JOB_ENV,
-                           stdout=log, stderr=subprocess.STDOUT)
+            subprocess.run([sys.executable, "-m", "linear_probe", "--run", str(directory)], cwd=REPO, check=True,
+                           env=JOB_ENV, stdout=log, stderr=subprocess.STDOUT)
     return cached_probe_top1(path)
 
 
+def run_metrics(directory: Path) -> list[dict]:
+    return [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
 def monitor_curve(directory: Path) -> list[tuple[int, float]]:
-    lines = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [(m["epoch"], m["knn_top1"]) for m in lines if "knn_top1" in m]
+    return [(m["epoch"], m["knn_top1"]) for m in run_metrics(directory) if "knn_top1" in m]
+
+
+def median_images_per_s(directory: Path) -> float | None:
+    """The median training throughput of a run over its log intervals (the speed figure BENCHMARKS quotes)."""
+    speeds = [m["images_per_s"] for m in run_metrics(directory) if "images_per_s" in m]
+    return statistics.median(speeds) if speeds else None
 
 
 def floors(recipe: str, seeds: list[int], overrides: list[str]) -> dict:
@@ -208,6 +217,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipes", nargs="+", default=RECIPES)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--note", default="", help="stored in the JSON: how the runs were made (e.g. two at once)")
     add_run_arguments(parser, "quality")
     args = parser.parse_args()
     out, overrides = prepare_runs(args)
@@ -223,15 +233,19 @@ def main() -> None:
         results = dict(zip(pairs, pool.map(one, pairs)))
     rows, curves = [], {}
     for recipe in args.recipes:
-        knn, probe, minutes, runs = [], [], [], []
+        knn, probe, minutes, runs, speeds = [], [], [], [], []
         for seed in args.seeds:
             seconds, top1 = results[recipe, seed]
+            directory = run_dir(out, recipe, args.tag, seed)
             minutes.append(seconds / 60)
-            runs.append(monitor_curve(run_dir(out, recipe, args.tag, seed)))
+            runs.append(monitor_curve(directory))
+            speeds.append(median_images_per_s(directory))
             knn.append(runs[-1][-1][1])  # final epoch
             probe.append(top1)
         curves[recipe + args.tag] = runs
-        rows.append({"recipe": recipe + args.tag, "method": recipe, "knn_top1": knn, "linear_top1": probe, "minutes": minutes})
+        # Per seed, in the order of `seeds`: the final numbers, the kNN curve [[epoch, top-1], ...] and the speed.
+        rows.append({"recipe": recipe + args.tag, "method": recipe, "knn_top1": knn, "linear_top1": probe,
+                     "minutes": minutes, "knn_curves": runs, "median_images_per_s": speeds})
     floor = floors(args.recipes[0], args.seeds, overrides)
 
     split = f"held-out last {args.holdout} training images" if args.holdout else "test split"
@@ -246,7 +260,8 @@ def main() -> None:
     print_bf_effects(effects, ["knn_top1", "linear_top1"])
     tag = args.tag or ""
     (out / f"quality{tag}.json").write_text(json.dumps({"rows": rows, "bf_vs_plain": effects, "floors": floor,
-                                                        "overrides": overrides, "seeds": args.seeds}, indent=1))
+                                                        "overrides": overrides, "seeds": args.seeds,
+                                                        **({"note": args.note} if args.note else {})}, indent=1))
     plot(curves, floor, out / f"knn_over_epochs{tag}.png")
     print(f"written {out / f'quality{tag}.json'} and {out / f'knn_over_epochs{tag}.png'}")
 

@@ -2,6 +2,7 @@
 the JSON table and the plot, and a rerun that reuses the finished runs instead of training again."""
 
 import json
+import statistics
 import subprocess
 import sys
 
@@ -26,6 +27,10 @@ def test_quality_benchmark_runs_two_recipes_at_once_and_reuses_them(tmp_path):
         run = out / f"{row['recipe']}_s0"
         knn = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "knn_top1" in line]
         assert knn[-1]["knn_top1"] == row["knn_top1"][0]  # the final epoch's monitor line
+        assert row["knn_curves"] == [[[m["epoch"], m["knn_top1"]] for m in knn]]  # seed 0's whole curve
+        speeds = [json.loads(line)["images_per_s"] for line in (run / "metrics.jsonl").read_text().splitlines()
+                  if "images_per_s" in line]
+        assert len(speeds) >= 2 and row["median_images_per_s"] == [pytest.approx(statistics.median(speeds))]
         assert (out / f"{row['recipe']}_s0.log").is_file()  # the run's output, kept beside it
     assert 0 < table["floors"]["raw_pixels"] <= 100 and len(table["floors"]["random_init"]) == 1
     assert (out / "knn_over_epochs.png").stat().st_size > 0
@@ -110,7 +115,8 @@ def test_bf_effects_welch_p_by_hand():
         assert effects[0][metric]["welch_p"] == pytest.approx(1 - 3 / 11 ** 0.5, abs=1e-9)
     # quality.py's rows pair on the method alone (one split per table); the same numbers give the same test
     table = [{"method": "mocov3", "knn_top1": [1.0, 2.0, 3.0]},
-             {"method": "mocov3_bf", "knn_top1": [5 - half, 5 + half]}, {"method": "simsiam_bf", "knn_top1": [1.0, 2.0]}]  # no plain twin: no test
+             {"method": "mocov3_bf", "knn_top1": [5 - half, 5 + half]},
+             {"method": "simsiam_bf", "knn_top1": [1.0, 2.0]}]  # no plain twin: no test
     effects = bf_effects(table, ["knn_top1"])
     assert effects == [{"method": "mocov3", "knn_top1": {"difference": pytest.approx(3.0),
                                                          "welch_p": pytest.approx(1 - 3 / 11 ** 0.5, abs=1e-9)}}]
