@@ -6,7 +6,8 @@ monitor (k and T of the recipe; equal to `python -m knn_eval`) and linear-probe 
 (sample std), with the wall time of pretraining. Beside them two floors with the same kNN (bank = the training
 images the runs use, queries = their validation split): raw pixels, and the same backbone randomly initialised
 (one per seed). For each recipe run beside its `_bf` twin on two seeds or more: BF minus plain and Welch's p.
-A PNG plots the monitor's kNN top-1 over epochs (mean over seeds) per recipe.
+A PNG plots the monitor's kNN top-1 over epochs (mean over seeds) per recipe; the JSON keeps each run's curve and its
+median training images/s (over the log intervals of metrics.jsonl), and `--note` says how the runs were made.
 
 Tuning happens on a held-out part of the training split, never on the test split: `--holdout 10000` adds
 `data.holdout=10000` to every run and floor (the last 10000 training images become the validation split).
