@@ -39,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from batchssl.report import median_images_per_s, read_metrics
+
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = ["simsiam", "simsiam_bf", "mocov3", "mocov3_bf"]
 
@@ -91,18 +93,14 @@ def linear_probe(directory: Path) -> float:
     return cached_probe_top1(path)
 
 
-def run_metrics(directory: Path) -> list[dict]:
-    return [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines() if line.strip()]
+def monitor_curve(metrics: list[dict]) -> list[tuple[int, float]]:
+    return [(m["epoch"], m["knn_top1"]) for m in metrics if "knn_top1" in m]
 
 
-def monitor_curve(directory: Path) -> list[tuple[int, float]]:
-    return [(m["epoch"], m["knn_top1"]) for m in run_metrics(directory) if "knn_top1" in m]
-
-
-def median_images_per_s(directory: Path) -> float | None:
-    """The median training throughput of a run over its log intervals (the speed figure BENCHMARKS quotes)."""
-    speeds = [m["images_per_s"] for m in run_metrics(directory) if "images_per_s" in m]
-    return statistics.median(speeds) if speeds else None
+def curve_over_seeds(runs: list[list[tuple[int, float]]]) -> list[tuple[int, list[float]]]:
+    """Per monitored epoch, the kNN top-1 of every seed's run (for the printed table and the plot)."""
+    epochs = sorted({e for run in runs for e, _ in run})
+    return [(e, [v for run in runs for e2, v in run if e2 == e]) for e in epochs]
 
 
 def floors(recipe: str, seeds: list[int], overrides: list[str]) -> dict:
@@ -182,9 +180,8 @@ def plot(curves: dict[str, list[list[tuple[int, float]]]], floor: dict, path: Pa
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, runs in curves.items():
-        epochs = sorted({e for run in runs for e, _ in run})
-        means = [statistics.mean(v for run in runs for e2, v in run if e2 == e) for e in epochs]
-        ax.plot(epochs, means, marker="o", label=name)
+        per_epoch = curve_over_seeds(runs)
+        ax.plot([e for e, _ in per_epoch], [statistics.mean(v) for _, v in per_epoch], marker="o", label=name)
     ax.axhline(floor["raw_pixels"], color="gray", linestyle="--", label="raw pixels")
     ax.axhline(statistics.mean(floor["random_init"]), color="gray", linestyle=":", label="random init")
     ax.set_xlabel("epoch")
@@ -237,10 +234,10 @@ def main() -> None:
         knn, probe, minutes, runs, speeds = [], [], [], [], []
         for seed in args.seeds:
             seconds, top1 = results[recipe, seed]
-            directory = run_dir(out, recipe, args.tag, seed)
+            metrics = read_metrics(run_dir(out, recipe, args.tag, seed))
             minutes.append(seconds / 60)
-            runs.append(monitor_curve(directory))
-            speeds.append(median_images_per_s(directory))
+            runs.append(monitor_curve(metrics))
+            speeds.append(median_images_per_s(metrics))
             knn.append(runs[-1][-1][1])  # final epoch
             probe.append(top1)
         curves[recipe + args.tag] = runs
@@ -257,6 +254,9 @@ def main() -> None:
               f"{statistics.mean(row['minutes']):>13.1f}")
     print(f"{'floor: raw pixels':<22} {floor['raw_pixels']:>16.2f}")
     print(f"{'floor: random init':<22} {mean_std(floor['random_init']):>16}")
+    print("\nkNN top-1 over epochs (mean +- std over seeds)")
+    for name, runs in curves.items():
+        print(f"{name:<22} " + "; ".join(f"epoch {e}: {mean_std(v)}" for e, v in curve_over_seeds(runs)))
     effects = bf_effects(rows, ["knn_top1", "linear_top1"])
     print_bf_effects(effects, ["knn_top1", "linear_top1"])
     tag = args.tag or ""

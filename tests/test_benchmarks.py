@@ -14,7 +14,8 @@ from helpers import REPO, TINY
 @pytest.mark.slow
 def test_quality_benchmark_runs_two_recipes_at_once_and_reuses_them(tmp_path):
     cmd = [sys.executable, "benchmarks/quality.py", "--recipes", "mocov3", "simsiam_bf", "--seeds", "0",
-           "--holdout", "200", "--jobs", "2", "--out", str(tmp_path), "--set", *TINY, "--set", "monitor.k=20"]
+           "--holdout", "200", "--jobs", "2", "--out", str(tmp_path), "--set", *TINY, "--set", "monitor.k=20",
+           "--note", "two at once"]
     first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     assert first.stdout.count("$ ") == 2  # one pretraining command per recipe
@@ -35,6 +36,10 @@ def test_quality_benchmark_runs_two_recipes_at_once_and_reuses_them(tmp_path):
     assert 0 < table["floors"]["raw_pixels"] <= 100 and len(table["floors"]["random_init"]) == 1
     assert (out / "knn_over_epochs.png").stat().st_size > 0
     assert table["bf_vs_plain"] == []  # one seed and no BF twin: nothing to test
+    assert table["note"] == "two at once"
+    for row in table["rows"]:  # the printed curve over epochs: one seed, so each epoch's value as logged
+        curve = "; ".join(f"epoch {e}: {v:.2f}" for e, v in row["knn_curves"][0])
+        assert f"{row['recipe']:<22} {curve}" in first.stdout
 
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]

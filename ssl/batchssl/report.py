@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 from pathlib import Path
 
 import yaml
@@ -47,6 +48,13 @@ def read_metrics(run: Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def median_images_per_s(metrics: list[dict]) -> float | None:
+    """A run's training speed: the median of its logged intervals' images/s (robust to the slow first interval and
+    to the kNN passes between epochs); None when the run logged none."""
+    speeds = [m["images_per_s"] for m in metrics if "images_per_s" in m]
+    return statistics.median(speeds) if speeds else None
 
 
 def read_config(run: Path) -> dict:
@@ -134,8 +142,8 @@ def rows(run: Path) -> list[tuple[str, str]]:
     steps = [m for m in metrics if "loss" in m]
     if steps:
         last = steps[-1]
-        speeds = sorted(m["images_per_s"] for m in steps if "images_per_s" in m)
-        speed = f", median {speeds[len(speeds) // 2]:.0f} images/s" if speeds else ""
+        median = median_images_per_s(steps)
+        speed = f", median {median:.0f} images/s" if median is not None else ""
         out.append(("training", f"epoch {last['epoch']}, step {last['step']}, loss {last['loss']:.4f}{speed}"))
     monitor = [m for m in metrics if "knn_top1" in m]
     if monitor:
