@@ -1,13 +1,14 @@
 # make setup : .venv with the pinned requirements, batchssl installed editable, Fashion-MNIST (idempotent)
 # make demo  : setup, then the default pretraining run and both evaluators
 # make test  : setup, then the whole test suite
+# make lint  : the venv, then ruff's linter and its formatter's check (pyproject.toml [tool.ruff])
 PYTHON_SYS ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 FASHION_DEBIAN := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DEMO_RUN := runs/fashion_mnist/mocov3_bf
 
-.PHONY: setup data demo test clean
+.PHONY: setup data demo test lint clean
 setup: $(VENV)/.installed data
 
 $(VENV)/.installed: requirements.txt pyproject.toml
@@ -35,6 +36,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf $(VENV) *.egg-info
