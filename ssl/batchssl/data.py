@@ -24,6 +24,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from batchssl.config import DataConfig
+from batchssl.decode import UnreadableImageError
 from batchssl.errors import UserError
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -236,10 +237,6 @@ def _image_folder(cfg: DataConfig, split: str) -> Dataset:
         empty = str(err).split("for the classes")[-1].split(".")[0].strip()
         raise UserError(f"image folder {folder}: no images in the class folder(s) {empty} "
                         "(supported: .jpg .jpeg .png .ppm .bmp .pgm .tif .tiff .webp)") from None
-
-
-class UnreadableImageError(UserError):
-    """An image file that cannot be decoded (truncated, corrupt, not an image)."""
 
 
 def _load_image(path: str) -> Image.Image:
