@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
-# benchmarks/quality.py on a lent GPU machine: several (recipe, seed) pairs at once (the loaders, not the GPU,
-# bound a 28-px run), in float32 like the CPU runs, so that the 4 recipes x 3 seeds take minutes, not the hours
-# of the 2-core reference machine. The recipes' budgets (epochs) stay the ones sized for equal time there.
-# Usage: FMNIST=dir JOBS=4 bash benchmarks/quality_on_gpu.sh [quality.py arguments]
-# lightly and a faiss-cpu wheel travel in $PKGS as for gpu_check.sh (see its header).
+# benchmarks/quality.py on a machine with a CUDA GPU: several (recipe, seed) runs at once (at 28 px the loaders,
+# not the GPU, bound a run), in float32 like the CPU runs, so that the Fashion-MNIST recipes x 3 seeds take minutes
+# instead of hours. The recipes keep their epochs (sized for a 2-core CPU). A run on another machine is another
+# sample of the same recipe, not the same numbers: BENCHMARKS.md compares the two.
+#
+# Usage: [FMNIST=DIR] [JOBS=4] [WORKERS=3] [OUTDIR=benchmarks/out/quality_gpu] bash benchmarks/quality_on_gpu.sh \
+#            [quality.py arguments, e.g. --recipes mocov3_bf mocov3 --seeds 0 1 2]
+#   FMNIST: the folder of Fashion-MNIST's idx files (default: where `make setup` put them); JOBS runs at once, each
+#   with WORKERS loader workers. PYTHON picks the interpreter: see benchmarks/device_env.sh.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-FMNIST=${FMNIST:-/usr/share/datasets/fashion-mnist}
 JOBS=${JOBS:-4}
 WORKERS=${WORKERS:-3}
 source benchmarks/device_env.sh
-exec python3 benchmarks/quality.py --jobs "$JOBS" --out "${OUTDIR:-benchmarks/out/quality_gpu}" "$@" \
-  --set data.root="$FMNIST" data.num_workers="$WORKERS" train.mixed_precision=no
+ROOT=()
+[ -n "${FMNIST:-}" ] && ROOT=("data.root=$FMNIST")
+exec "$PYTHON" benchmarks/quality.py --jobs "$JOBS" --out "${OUTDIR:-benchmarks/out/quality_gpu}" "$@" \
+  --set ${ROOT[@]+"${ROOT[@]}"} data.num_workers="$WORKERS" train.mixed_precision=no
