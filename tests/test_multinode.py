@@ -1,0 +1,61 @@
+"""Two "nodes" on this machine: two torchrun invocations joined by a c10d rendezvous, as on a cluster (one command
+per node), against two processes started by one torchrun on one node.
+
+Both runs have two processes, each with half the global batch and the same gloo reductions, so their losses agree
+to float rounding at every step and at the recipe's own precision (bf16 autocast, channels_last). That two
+processes give one process's losses is tests/test_distributed.py's subject. What only the two-node launch can get
+wrong is what depends on the node: both processes have LOCAL_RANK 0 and node ranks from the rendezvous, so a data
+shard, a seed, a log line or a file chosen by local rank instead of global rank shows here as another loss or a
+duplicated line.
+"""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import REPO, TINY, free_port, run_pretrain, step_lines, step_losses
+
+RUN = ["--config", "recipes/fashion_mnist/mocov3_bf.yaml", *TINY, "batchformer.gather=true",
+       "batchformer.dropout=0.0", "monitor.enabled=false"]
+
+
+def two_node_command(node_rank: int, port: int) -> list[str]:
+    """What a user types on node `node_rank` (README, "N nodes"), with this machine as both nodes."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+            "--node-rank", str(node_rank), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+            "--rdzv-conf", "join_timeout=120", "pretrain.py"]
+
+
+def run_two_nodes(args: list[str], logs, timeout: float = 300) -> None:
+    """Both launches at once; their output goes to files (a full pipe would stall one node and so both)."""
+    port, procs = free_port(), []
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    try:
+        for node in (0, 1):
+            log = open(logs / f"node{node}.log", "w")
+            procs.append(subprocess.Popen([*two_node_command(node, port), *args], cwd=REPO, env=env, stdout=log,
+                                          stderr=subprocess.STDOUT, text=True))
+            log.close()
+            time.sleep(1)  # node 0 first, so that it hosts the rendezvous store
+        deadline = time.monotonic() + timeout
+        codes = [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    if codes != [0, 0]:
+        tails = "\n".join((logs / f"node{n}.log").read_text()[-2000:] for n in (0, 1))
+        raise AssertionError(f"two-node launch exited {codes}:\n{tails}")
+
+
+@pytest.mark.slow
+def test_two_nodes_give_the_losses_of_two_processes_on_one_node(tmp_path):
+    run_two_nodes([*RUN, f"output_dir={tmp_path / 'nodes'}"], tmp_path)
+    run_pretrain([*RUN, f"output_dir={tmp_path / 'node'}"], nproc=2)
+    nodes, node = step_losses(tmp_path / "nodes"), step_losses(tmp_path / "node")
+    assert step_lines(tmp_path / "nodes") == [1, 2, 3, 4]  # one writer: no step logged by both nodes
+    assert nodes == pytest.approx(node, rel=1e-6)
+    assert (tmp_path / "nodes" / "backbone.safetensors").is_file()
