@@ -109,8 +109,13 @@ def resized_crops(image: np.ndarray, boxes: Sequence[Box], sizes: Sequence[int],
     out = []
     for (top, left, h, w), size in zip(boxes, sizes):
         # At 1 / k the last block row / column may be partial (ceil(H / k) px): clamp the box to the image.
-        box = (left / factor, top / factor, min((left + w) / factor, pil.width), min((top + h) / factor, pil.height))
-        out.append(np.asarray(pil.resize((size, size), Image.BILINEAR, box=box)))
+        x0, y0 = left / factor, top / factor
+        x1, y1 = min((left + w) / factor, pil.width), min((top + h) / factor, pil.height)
+        # Crop first (to whole pixels around the box), then resize the box within it: the filter never reads
+        # outside the crop, as torchvision's crop-then-resize (with factor 1, exactly its pixels).
+        cx, cy = math.floor(x0), math.floor(y0)
+        crop = pil.crop((cx, cy, math.ceil(x1), math.ceil(y1)))
+        out.append(np.asarray(crop.resize((size, size), Image.BILINEAR, box=(x0 - cx, y0 - cy, x1 - cx, y1 - cy))))
     return out
 
 
