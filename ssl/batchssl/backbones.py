@@ -1,5 +1,5 @@
-"""Backbones that map images to one feature vector: ResNet-18/50 (CIFAR or ImageNet stem, width multiplier) and
-ViT (torchvision's VisionTransformer, class token).
+"""Backbones that map images to one feature vector: ResNet-18/50 (CIFAR or ImageNet stem, width multiplier),
+ViT (torchvision's VisionTransformer, class token), and any timm model (`model.arch=timm:<name>`).
 
 The ResNet keeps torchvision's module names (conv1, bn1, layer1..4) so torchvision ResNet weights load into it
 (minus `fc`), and reuses torchvision's BasicBlock / Bottleneck.
@@ -80,8 +80,33 @@ class ViT(nn.Module):
         return self.vit(x)
 
 
+def build_timm(name: str, cfg: ModelConfig, in_channels: int, image_size: int) -> tuple[nn.Module, int]:
+    """timm.create_model(name, pretrained=False, num_classes=0, in_chans=C): the model itself, not wrapped, so that
+    its state dict is timm's and the exported weights load into timm.create_model(name, num_classes=0, in_chans=C
+    [, img_size=S]) as they are. Models with a fixed input size (ViTs, Swin, ...) are rebuilt for the data's size
+    (and model.patch_size when set), as timm's own img_size argument does."""
+    import timm
+
+    net = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_channels)
+    fixed = getattr(getattr(net, "patch_embed", None), "img_size", None)
+    if fixed is not None and (tuple(fixed) != (image_size, image_size) or cfg.patch_size):
+        extra = {"patch_size": cfg.patch_size} if cfg.patch_size else {}
+        net = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_channels, img_size=image_size,
+                                **extra)
+    # head_hidden_size: models whose pooled features pass a pre-logits layer of another width (timm >= 0.9)
+    return net, getattr(net, "head_hidden_size", None) or net.num_features
+
+
+def channels_last_arch(arch: str) -> bool:
+    """Whether the architecture runs in channels_last when train.channels_last is on: ResNets and timm models
+    (timm's own training script applies it to every model; a ViT's patch embedding is a convolution too)."""
+    return arch.startswith(("resnet", "timm:"))
+
+
 def build_backbone(cfg: ModelConfig, in_channels: int, image_size: int) -> tuple[nn.Module, int]:
     """(backbone, feature dimension)."""
+    if cfg.arch.startswith("timm:"):
+        return build_timm(cfg.arch.removeprefix("timm:"), cfg, in_channels, image_size)
     if cfg.arch in RESNETS:
         block, layers = RESNETS[cfg.arch]
         cifar_stem = cfg.stem == "cifar" or (cfg.stem == "auto" and image_size < 64)
