@@ -20,6 +20,16 @@ def test_joint_mask_hides_exactly_the_own_other_view():
     assert not mask[0, 0] and not mask[0, 4] and not mask[0, 9]
 
 
+def test_joint_mask_for_more_views_hides_every_own_other_view():
+    n, views = 2, 4  # two global + two local crops, two processes
+    mask = joint_mask(n=n, blocks=2, device=torch.device("cpu"), views=views)
+    assert mask.shape == (16, 16) and mask.sum() == 16 * (views - 1)
+    for i in range(16):
+        block, view, sample = i // (views * n), (i // n) % views, i % n
+        hidden = {block * views * n + v * n + sample for v in range(views) if v != view}
+        assert set(torch.nonzero(mask[i]).view(-1).tolist()) == hidden
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.5])
 def test_joint_output_does_not_depend_on_own_other_view(dropout):
     torch.manual_seed(0)
@@ -30,6 +40,19 @@ def test_joint_output_does_not_depend_on_own_other_view(dropout):
     assert torch.equal(z2.grad[2], torch.zeros(8))  # exactly 0: the positive pair never leaks
     assert z2.grad[[0, 1, 3, 4]].abs().sum() > 0  # the other samples' second views are attended to
     assert z1.grad.abs().sum() > 0
+
+
+def test_joint_output_with_local_crops_does_not_depend_on_own_other_views():
+    torch.manual_seed(0)
+    bf = BatchFormer(8, BatchFormerConfig(enabled=True, dropout=0.0)).train()
+    views = [torch.randn(5, 8, requires_grad=True) for _ in range(4)]
+    outs = bf(views)
+    assert [o.shape for o in outs] == [(5, 8)] * 4
+    (outs[3][1] * torch.randn(8)).sum().backward()
+    for v in range(3):
+        assert torch.equal(views[v].grad[1], torch.zeros(8))  # sample 1's other views: never attended
+        assert views[v].grad[[0, 2, 3, 4]].abs().sum() > 0  # the other samples' views are
+    assert views[3].grad[1].abs().sum() > 0
 
 
 def test_per_view_scope_keeps_views_apart():
@@ -100,19 +123,38 @@ def test_two_stream_loss_pulls_both_streams_to_the_original_targets():
 
     calls = []
 
-    def pairwise(a1, a2, t1, t2):
-        calls.append((a1.clone(), a2.clone(), t1, t2))
-        return (a1 - t2).square().sum() + (a2 - t1).square().sum()
+    def loss(online, targets):
+        calls.append(([o.clone() for o in online], targets))
+        return (online[0] - targets[1]).square().sum() + (online[1] - targets[0]).square().sum()
 
     n = 3
     p1, p2 = torch.arange(12.0).view(6, 2), -torch.arange(12.0).view(6, 2)
     t1, t2 = torch.ones(n, 2), torch.zeros(n, 2)
-    out = two_stream_loss(pairwise, (p1, p2), (t1, t2), weight=0.5)
+    out = two_stream_loss(loss, [p1, p2], [t1, t2], weight=0.5)
     assert len(calls) == 2
-    assert torch.equal(calls[0][0], p1[:n]) and torch.equal(calls[1][0], p1[n:])  # original rows, then BF rows
-    assert all(c[2] is t1 and c[3] is t2 for c in calls)  # both streams against the same original targets
-    main, bf = pairwise(p1[:n], p2[:n], t1, t2), pairwise(p1[n:], p2[n:], t1, t2)
+    assert torch.equal(calls[0][0][0], p1[:n]) and torch.equal(calls[1][0][0], p1[n:])  # original rows, then BF
+    assert all(c[1][0] is t1 and c[1][1] is t2 for c in calls)  # both streams against the same original targets
+    main, bf = loss([p1[:n], p2[:n]], [t1, t2]), loss([p1[n:], p2[n:]], [t1, t2])
     assert out["loss"].item() == main.item() + 0.5 * bf.item()
     assert out["loss_main"].item() == main.item() and out["loss_bf"].item() == bf.item()
-    without = two_stream_loss(pairwise, (p1[:n], p2[:n]), (t1, t2), weight=0.5)  # no BatchFormer: one stream
+    without = two_stream_loss(loss, [p1[:n], p2[:n]], [t1, t2], weight=0.5)  # no BatchFormer: one stream
     assert set(without) == {"loss", "loss_main"} and without["loss"].item() == main.item()
+    # No targets (a method without a target branch): n says where the BatchFormer rows start.
+    both = two_stream_loss(lambda online, targets: online[0].sum() - online[1].sum(), [p1, p2], [], 0.5, n=n)
+    assert both["loss_bf"].item() == (p1[n:].sum() - p2[n:].sum()).item()
+
+
+def test_cross_view_loss_pairs_every_view_with_the_other_targets():
+    from batchssl.batchformer import cross_view_loss
+
+    def pair(o, t):  # a number that names the pair: 10 * online view + target view
+        return o * 10 + t
+
+    online = [torch.tensor(float(i)) for i in range(4)]  # 2 global + 2 local views
+    targets = [torch.tensor(float(j)) for j in range(2)]  # the global views' targets
+    pairs = [(0, 1), (1, 0), (2, 0), (2, 1), (3, 0), (3, 1)]
+    expected = sum(10 * i + j for i, j in pairs) / len(pairs)
+    assert cross_view_loss(pair, online, targets).item() == pytest.approx(expected)
+    assert cross_view_loss(pair, online[:2], targets).item() == (1 + 10) / 2  # two views: the symmetric mean
+    with pytest.raises(ValueError):
+        cross_view_loss(pair, online[:1], targets[:1])

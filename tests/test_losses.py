@@ -20,7 +20,7 @@ def test_simsiam_symmetric_negative_cosine_by_hand():
                      BatchFormerConfig())
     p1, z2 = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 1.0]])  # cos = 1/sqrt(2)
     p2, z1 = torch.tensor([[0.0, 1.0]]), torch.tensor([[3.0, 0.0]])  # cos = 0
-    loss = method.symmetric_loss(p1, p2, z1, z2)
+    loss = method.loss([p1, p2], [z1, z2])
     assert loss.item() == pytest.approx(0.5 * (-1 / math.sqrt(2)) + 0.5 * 0.0, abs=1e-7)
 
 
@@ -29,7 +29,7 @@ def test_simsiam_targets_are_stop_gradient():
                      BatchFormerConfig())
     p1, p2 = torch.randn(3, 2, requires_grad=True), torch.randn(3, 2, requires_grad=True)
     z1, z2 = torch.randn(3, 2, requires_grad=True), torch.randn(3, 2, requires_grad=True)
-    method.symmetric_loss(p1, p2, z1, z2).backward()
+    method.loss([p1, p2], [z1, z2]).backward()
     assert p1.grad.abs().sum() > 0 and p2.grad.abs().sum() > 0
     assert z1.grad is None and z2.grad is None
 

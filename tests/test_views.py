@@ -23,7 +23,7 @@ from batchssl.views import (
     resized_crop,
     rgb_to_grayscale,
     solarize,
-    view_recipes,
+    view_specs,
 )
 
 Z = 3.2905  # two-sided normal quantile at 99.9%
@@ -180,9 +180,9 @@ def test_small_and_grayscale_datasets():
         assert_rate(p.blur, 0.0)  # < 64 px: no blur
         assert (p.factors[:, 2] == 1).all() and (p.factors[:, 3] == 0).all()  # no saturation / hue
     assert_rate(params[1].solarize, 0.2)
-    recipes = view_recipes(make_cfg("mocov3", solarize=False, color_jitter=0.0, blur=True), INFO["cifar10"])
-    assert recipes[1].solarize == 0 and recipes[0].jitter == 0 and recipes[0].blur == 1.0
-    assert recipes[0].sigmas == pytest.approx((0.1 * 32 / 224, 2.0 * 32 / 224))
+    specs = view_specs(make_cfg("mocov3", solarize=False, color_jitter=0.0, blur=True), INFO["cifar10"])
+    assert specs[1].solarize == 0 and specs[0].jitter == 0 and specs[0].blur == 1.0
+    assert specs[0].sigmas == pytest.approx((0.1 * 32 / 224, 2.0 * 32 / 224))
 
 
 # ----------------------------------------------------------------------------- 3. ops against torchvision
@@ -280,7 +280,7 @@ def test_views_match_torchvision_pipeline(method):
     out = views.render(images, params)
     x = images.float() / 255
     for v in range(2):
-        ref = torch.stack([reference_view(x[b], params[v], b, views.kernel_size, info) for b in range(48)])
+        ref = torch.stack([reference_view(x[b], params[v], b, views.kernel_sizes[v], info) for b in range(48)])
         err = (out[v] - ref).abs()
         # Solarisation / clamping thresholds may flip on float rounding for a pixel or two; all else is close.
         assert (err > 1e-4).float().mean() < 1e-4, err.max()

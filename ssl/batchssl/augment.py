@@ -1,57 +1,47 @@
-"""View transforms from lightly's building blocks, sized for each dataset and correct for grayscale input.
+"""Per-sample transforms for loader workers: pretraining views built from the spec, evaluation and probe crops.
 
-- SimSiam: MoCo v2's augmentation (lightly's SimSiamViewTransform), the same recipe for both views.
-- MoCo v3: BYOL's asymmetric pair (lightly's BYOLView1Transform / BYOLView2Transform): view 1 always blurred,
-  view 2 rarely blurred and sometimes solarised.
-Grayscale datasets: saturation, hue and random-grayscale are no-ops on one channel, so they are switched off rather
-than pretending; normalisation uses the dataset's one-channel statistics.
-Small images (< 64 px): no Gaussian blur (as SimSiam/MoCo CIFAR setups do; at 32 px it wipes the image out).
+`view_transforms` builds each view's torchvision chain from `batchssl.views.view_specs`, the one declaration of
+the presets that the device path reads too, with lightly's blocks where PIL does the op (Gaussian blur: PIL's
+extended box blur; solarisation: PIL's). Each draws from torch's and numpy's global generators, which
+`data.TwoViews` seeds per sample.
 """
 
 from __future__ import annotations
 
 import torchvision.transforms as T
-from lightly.transforms.byol_transform import BYOLView1Transform, BYOLView2Transform
-from lightly.transforms.simsiam_transform import SimSiamViewTransform
+from lightly.transforms.gaussian_blur import GaussianBlur
+from lightly.transforms.solarize import RandomSolarization
 
 from batchssl.config import Config
 from batchssl.data import DatasetInfo
+from batchssl.views import ViewSpec, view_specs
 
 
-def preset_for(cfg: Config) -> str:
-    if cfg.augment.preset != "auto":
-        return cfg.augment.preset
-    return "byol" if cfg.method.name == "mocov3" else "simsiam"
+def _off(r, center: float) -> tuple[float, float]:
+    """A range for ColorJitter: (center, center) is torchvision's "this op is off"."""
+    return r if r is not None else (center, center)
 
 
-def view_transforms(cfg: Config, info: DatasetInfo) -> list:
-    """The two view transforms for pretraining."""
-    aug = cfg.augment
-    preset = preset_for(cfg)
-    blur = aug.blur if aug.blur is not None else info.image_size >= 64
-    gray = info.in_channels == 1
-    common = dict(
-        input_size=info.image_size,
-        cj_strength=aug.color_jitter,
-        cj_prob=0.8 if aug.color_jitter > 0 else 0.0,
-        hf_prob=aug.hflip,
-        random_gray_scale=0.0 if gray else 0.2,
-        normalize={"mean": list(info.mean), "std": list(info.std)},
-    )
-    if gray:
-        common.update(cj_sat=0.0, cj_hue=0.0)
-    # Blur sigma in lightly is in pixels for 224 px images; scale it with the image so 96 px images blur alike.
-    sigmas = (0.1 * info.image_size / 224, 2.0 * info.image_size / 224)
-    if preset == "simsiam":
-        view = SimSiamViewTransform(min_scale=aug.min_scale or 0.2, gaussian_blur=0.5 if blur else 0.0,
-                                    sigmas=sigmas, **common)
-        return [view, view]
-    solarize = aug.solarize
-    kwargs = dict(min_scale=aug.min_scale or 0.08, sigmas=sigmas, **common)
-    return [
-        BYOLView1Transform(gaussian_blur=1.0 if blur else 0.0, solarization_prob=0.0, **kwargs),
-        BYOLView2Transform(gaussian_blur=0.1 if blur else 0.0, solarization_prob=0.2 if solarize else 0.0, **kwargs),
+def spec_transform(spec: ViewSpec, info: DatasetInfo) -> T.Compose:
+    """One view's chain (PIL image in, normalised tensor out), in batchssl.views' order of ops."""
+    jitter = T.ColorJitter(brightness=_off(spec.brightness, 1.0), contrast=_off(spec.contrast, 1.0),
+                           saturation=_off(spec.saturation, 1.0), hue=_off(spec.hue, 0.0))
+    steps = [
+        T.RandomResizedCrop(spec.size, scale=spec.scale, ratio=spec.ratio),
+        T.RandomHorizontalFlip(p=spec.hflip),
+        T.RandomApply([jitter], p=spec.jitter),
+        T.RandomGrayscale(p=spec.gray),
     ]
+    if spec.blur > 0:
+        steps.append(GaussianBlur(sigmas=spec.sigmas, prob=spec.blur))
+    if spec.solarize > 0:
+        steps.append(RandomSolarization(prob=spec.solarize))
+    return T.Compose(steps + [T.ToTensor(), T.Normalize(info.mean, info.std)])
+
+
+def view_transforms(cfg: Config, info: DatasetInfo) -> list[T.Compose]:
+    """Every view's transform for pretraining (two global views, then the local crops)."""
+    return [spec_transform(spec, info) for spec in view_specs(cfg, info)]
 
 
 def eval_transform(info: DatasetInfo) -> T.Compose:

@@ -1,17 +1,21 @@
 """BatchFormer (Hou et al., CVPR 2022): a transformer encoder layer whose sequence axis is the batch.
 
-Applied to the two views' outputs (projector or backbone, see DESIGN.md):
-- scope 'joint': one attention over all 2N outputs of both views, each sample's own other view masked out, so
-  the positive pair never reaches the query through attention;
+Applied to the views' outputs (projector or backbone, see docs), any number of views (two global + local crops):
+- scope 'joint': one attention over all V*N outputs of the views, each sample's own other views masked out, so
+  a positive pair never reaches the query through attention;
 - scope 'per_view': attention within each view's N outputs (the paper's released MoCo v3 code);
 - gather: attend over the global batch of all processes, with gradients flowing back to each process.
 Training only: `two_streams` returns the inputs untouched in eval mode, and the exported backbone never holds it.
+
+`two_stream_loss(loss, online, targets, weight)` gives a method's loss over the original and the BatchFormer
+stream; `cross_view_loss` is the usual multi-view loss to pass it (every online view against every target view
+but its own).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -20,17 +24,15 @@ from batchssl.config import BatchFormerConfig
 from batchssl.distributed import all_gather_grad, rank
 
 
-@functools.lru_cache(maxsize=8)  # one mask per (batch, processes, device): not rebuilt every step
-def joint_mask(n: int, blocks: int, device: torch.device) -> Tensor:
-    """Bool (M, M) attention mask, True = may not attend, for M = blocks * 2n rows laid out per process as
-    [view 1 of its n samples; view 2 of its n samples]: row i may not see its own sample's other view."""
-    m = blocks * 2 * n
-    rows = torch.arange(m, device=device)
-    block, within = rows // (2 * n), rows % (2 * n)
-    partner = block * 2 * n + (within + n) % (2 * n)
-    mask = torch.zeros(m, m, dtype=torch.bool, device=device)
-    mask[rows, partner] = True
-    return mask
+@functools.lru_cache(maxsize=8)  # one mask per (batch, processes, views, device): not rebuilt every step
+def joint_mask(n: int, blocks: int, device: torch.device, views: int = 2) -> Tensor:
+    """Bool (M, M) attention mask, True = may not attend, for M = blocks * views * n rows laid out per process as
+    [view 1 of its n samples; view 2 ...; view V]: a row may not see its own sample's other views."""
+    rows = torch.arange(blocks * views * n, device=device)
+    block, sample = rows // (views * n), rows % n
+    key = block * n + sample  # which (process, sample) a row belongs to
+    same_sample = key.view(-1, 1) == key.view(1, -1)
+    return same_sample & (rows.view(-1, 1) != rows.view(1, -1))
 
 
 class BatchFormer(nn.Module):
@@ -56,10 +58,11 @@ class BatchFormer(nn.Module):
     def forward(self, views: list[Tensor]) -> list[Tensor]:
         if self.scope == "per_view":
             return [self._attend_global(v) for v in views]
-        if len(views) != 2:
-            raise ValueError("BatchFormer scope 'joint' expects exactly two views")
         n = views[0].shape[0]
-        out = self._attend_global(torch.cat(views), lambda blocks: joint_mask(n, blocks, views[0].device))
+        if any(v.shape[0] != n for v in views):
+            raise ValueError(f"BatchFormer: every view needs the same rows, got {[v.shape[0] for v in views]}")
+        out = self._attend_global(torch.cat(views), lambda blocks: joint_mask(n, blocks, views[0].device,
+                                                                              len(views)))
         return list(out.split(n))
 
 
@@ -73,23 +76,40 @@ def two_streams(batchformer: BatchFormer | None, views: list[Tensor]) -> list[Te
     return [torch.cat([v, b]) for v, b in zip(views, batchformer(views))]
 
 
-PairwiseLoss = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+ViewsLoss = Callable[[list[Tensor], list[Tensor]], Tensor]  # (online outputs per view, targets per view)
 
 
-def two_stream_loss(pairwise: PairwiseLoss, online: tuple[Tensor, Tensor], targets: tuple[Tensor, Tensor],
-                    weight: float) -> dict[str, Tensor]:
-    """A method's symmetric loss `pairwise(online_1, online_2, target_1, target_2)` over both streams.
+def two_stream_loss(loss: ViewsLoss, online: Sequence[Tensor], targets: Sequence[Tensor], weight: float,
+                    n: int | None = None) -> dict[str, Tensor]:
+    """A method's loss `loss(online_views, target_views)` over both streams.
 
-    `online` are the two views' predictor outputs as `two_streams` laid them out (n rows, or 2n with BatchFormer:
-    [:n] original, [n:] BatchFormer); `targets` are the n original targets of each view (SimSiam's stop-gradient
-    projections, MoCo v3's momentum keys): both streams are pulled towards the same targets.
+    `online` are the views' online outputs (e.g. predictor outputs; any number of views) as `two_streams` laid
+    them out: n rows, or 2n with BatchFormer ([:n] original, [n:] BatchFormer). `targets` are the original
+    targets of some views (n rows each: SimSiam's stop-gradient projections, a momentum encoder's or a teacher's
+    outputs on the global views): both streams are pulled towards the same targets. n: the original rows,
+    default targets[0]'s (give it when there are no targets).
     Returns {"loss": main + weight * bf, "loss_main", and "loss_bf" when the BatchFormer stream is there}.
     """
-    n = targets[0].shape[0]
-    main = pairwise(online[0][:n], online[1][:n], *targets)
+    targets = list(targets)
+    n = targets[0].shape[0] if n is None else n
+    main = loss([o[:n] for o in online], targets)
     out = {"loss": main, "loss_main": main.detach()}
     if online[0].shape[0] > n:
-        bf = pairwise(online[0][n:], online[1][n:], *targets)
+        bf = loss([o[n:] for o in online], targets)
         out["loss"] = main + weight * bf
         out["loss_bf"] = bf.detach()
     return out
+
+
+def cross_view_loss(pair: Callable[[Tensor, Tensor], Tensor], online: Sequence[Tensor],
+                    targets: Sequence[Tensor]) -> Tensor:
+    """Mean of pair(online[i], targets[j]) over every online view i and target view j with i != j.
+
+    Online view i and target view j are the same view when i == j (targets are the first views: the global
+    crops). Two views: (pair(o1, t2) + pair(o2, t1)) / 2; two targets and V online views: 2 (V - 1) pairs, the
+    multi-crop average of SwAV and DINO.
+    """
+    terms = [pair(o, t) for i, o in enumerate(online) for j, t in enumerate(targets) if i != j]
+    if not terms:
+        raise ValueError(f"no pair of distinct views among {len(online)} online and {len(targets)} target views")
+    return sum(terms) / len(terms)

@@ -1,7 +1,7 @@
-"""Where each step's two views come from.
+"""Where each step's views come from (every view of `batchssl.views.view_specs`: two global, N local crops).
 
 - `DevicePipeline` (data.pipeline: device, the default for in-memory datasets): the pretraining split lives once
-  as a uint8 tensor on the training device, and every step makes both views there with batched operations
+  as a uint8 tensor on the training device, and every step makes the views there with batched operations
   (batchssl.views.DeviceViews). No loader workers, no per-image Python.
 - `WorkerPipeline` (data.pipeline: workers; ImageFolder, or for comparison): lightly's per-sample transforms in
   DataLoader workers, as `augment.view_transforms` builds them.

@@ -1,51 +1,76 @@
-"""Both pretraining views made on the training device, with batched operations and per-sample random parameters.
+"""Views as a spec, made on the training device with batched operations and per-sample random parameters.
 
-The training split of an in-memory dataset lives once as a uint8 tensor (N, C, H, W) on the device; each step
-the trainer takes the global batch's rows and calls `DeviceViews(images, seed, epoch, step, positions)`. It
-reproduces the recipe of `augment.view_transforms` (lightly's SimSiamViewTransform / BYOLView1Transform /
-BYOLView2Transform, with the same probabilities and ranges) on whole batches:
+The spec. `view_specs(cfg, info)` is the one declaration of the augmentation presets: a frozen `ViewSpec` per view
+(output size, crop scale and ratio, each op's probability and range). Both pipelines read it: `DeviceViews` here,
+and `batchssl.augment.view_transforms`, which builds the per-sample torchvision / lightly chain of the loader-worker
+path from the same specs. The views of a step are, in this order:
+
+- `GLOBAL_VIEWS` (2) global crops at the image size, by `augment.preset`: SimSiam's (MoCo v2's augmentation, the
+  same for both) or BYOL's asymmetric pair (view 1 always blurred, view 2 rarely blurred and sometimes solarised);
+- `augment.local_crops` local crops (SwAV / DINO multi-crop): `augment.local_size` px (default 96/224 of the image
+  size, a multiple of 4: 96 at 224 px, 12 at 28 px) from `augment.local_scale` (0.05, 0.4) of the image's area,
+  with the global views' colour ops, blur at p 0.5 (DINO's local crops), no solarisation.
+
+Each view's chain, on whole batches (torchvision.transforms.v2.functional semantics on float tensors in [0, 1],
+clamped after every op):
 
     RandomResizedCrop -> horizontal flip -> RandomApply(ColorJitter) -> RandomGrayscale -> Gaussian blur
     -> solarisation -> Normalize
 
 Randomness. Every random number of a step is drawn on the CPU from one `torch.Generator` seeded by
-`data.sample_seed(seed, epoch, step)`: a fixed block of uniforms for each of the global batch's positions
-(`DRAWS_PER_VIEW` per view, both views), whatever the preset. The rows of this process's `positions` are taken
-from it, so a sample's views depend only on (seed, epoch, step, position in the global batch): not on the number
-of processes, nor on torch's global generator, which is never used.
+`data.sample_seed(seed, epoch, step)`: uniforms laid out (global_batch, views, DRAWS_PER_VIEW), whatever the spec.
+A sample's views depend only on (seed, epoch, step, position in the global batch): not on the number of processes,
+nor on torch's global generator, which is never used. With two views the draws are those of every earlier version
+of this module, so the two-view recipes' views and losses are unchanged.
+
+Entry points (all parameters are CPU tensors, one row per sample, in `ViewParams`):
+- `DeviceViews(cfg, info)(images, seed, epoch, step, positions)`: the views of uint8 images (B, C, H, W) held on
+  the device; one float32 tensor per view, (B, C, size, size), normalised, in the trainer's memory format
+  (channels_last for ResNets with train.channels_last, as the model).
+- `step_params(specs, seed, epoch, step, global_batch, positions, heights, widths)`: the per-view parameters of
+  some positions of a step, for images of their own sizes (ints, or one height / width per position). A loader
+  worker calls it with one position and the decoded image's size to cut that sample's crops (`ViewParams.top`,
+  `left`, `height`, `width`); the step's draws are cached, so a worker handling a batch draws them once.
+- `DeviceViews.render_crops(crops, params)`: the views from crops already cut and resized to each view's size
+  (one uint8 (B, C, size_v, size_v) tensor per view): flip, colour ops, blur, solarisation and normalisation with
+  the same parameters, batched on the crops' device. `DeviceViews.render(images, params)` does the same from whole
+  images, cropping first.
+- `crop_boxes(...)`: RandomResizedCrop.get_params vectorised; heights / widths may differ per sample.
 
 Device work. The parameters (crop boxes, flips, jitter factors and order, grayscale / blur / solarise choices)
 are turned into one float32 tensor on the CPU, including the index lists of the samples each op applies to, and
 copied to the device once per call; from there on there is no host-device synchronisation and no loop over
 samples: ops apply to contiguous index-selected sub-batches whose sizes are known on the host.
 
-Semantics follow torchvision.transforms.v2.functional on float tensors in [0, 1], clamped after every op:
 - crop+resize: `resized_crop(..., bilinear, antialias=False)` exactly (half-pixel centres, sample coordinates
   clamped to the crop), done with `grid_sample` on a per-sample separable grid; the flip is folded into the grid.
-  No antialiasing: with the stored images at the output size (the usual case) a crop is never larger than the
-  output, so the resize only upsamples and antialiasing would change nothing. If the stored images are larger
-  than `info.image_size`, crops larger than the output alias a little (torchvision's tensor default, and PIL,
-  would antialias).
+  No antialiasing: with the stored images at the output size (the usual case) a global crop is never larger than
+  the output, so the resize only upsamples and antialiasing would change nothing. Crops larger than their output
+  (local crops, or stored images larger than `info.image_size`) alias a little (torchvision's tensor default, and
+  PIL, would antialias).
 - crop parameters: `RandomResizedCrop.get_params` (10 attempts of area and log-ratio, first valid one, else the
   central crop with the ratio clamped), vectorised: 10 attempts drawn for every sample.
 - colour jitter: `ColorJitter` with each sample's own factors and its own random order of the four ops.
-- blur: torchvision's gaussian_blur (reflect padding) with a per-sample sigma, in [0.1, 2.0] * size / 224 as
-  `augment.py` scales lightly's sigmas, and one kernel size for all: the odd size covering +-3 sigma of the
-  largest sigma. lightly blurs with PIL's ImageFilter.GaussianBlur (an extended box blur of the same sigma).
+- blur: torchvision's gaussian_blur (reflect padding) with a per-sample sigma, in [0.1, 2.0] * image size / 224 (as
+  lightly's sigmas for 224 px, scaled to the image; local crops keep the global sigmas, as DINO's do), and one
+  kernel size per view: the odd size covering +-3 sigma of the largest sigma. lightly blurs with PIL's
+  ImageFilter.GaussianBlur (an extended box blur of the same sigma).
 - solarisation: lightly's RandomSolarization (PIL's solarize, threshold 128): values >= 128/255 inverted.
-Grayscale datasets: saturation, hue and random grayscale off, as in `augment.py`.
+Grayscale datasets: saturation, hue and random grayscale off (no-ops on one channel).
+Small images (< 64 px): no blur unless augment.blur says so (as SimSiam / MoCo CIFAR setups: at 32 px it wipes
+the image out).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
-from batchssl.augment import preset_for
 from batchssl.config import Config
 from batchssl.data import DatasetInfo, sample_seed
 
@@ -54,6 +79,8 @@ CROP_ATTEMPTS = 10
 SOLARIZE_THRESHOLD = 128 / 255
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 JITTER_OPS = ("brightness", "contrast", "saturation", "hue")  # torchvision's fn_idx numbering
+GLOBAL_VIEWS = 2  # views[:GLOBAL_VIEWS] are the global crops (a teacher's or a momentum encoder's inputs)
+LOCAL_SIZE_RATIO = 96 / 224  # DINO / SwAV: 96 px local crops beside 224 px global ones
 
 # Uniform draws per sample and view, in this column order (changing it changes every run's views).
 _AREA, _LOGR = slice(0, CROP_ATTEMPTS), slice(CROP_ATTEMPTS, 2 * CROP_ATTEMPTS)
@@ -62,25 +89,41 @@ _ORDER, _FACTORS = slice(_CJ + 1, _CJ + 5), slice(_CJ + 5, _CJ + 9)
 _GRAY, _BLUR, _SIGMA, _SOLAR = range(_CJ + 9, _CJ + 13)
 DRAWS_PER_VIEW = _SOLAR + 1
 
+Range = Optional[tuple[float, float]]
+Size = Union[int, torch.Tensor]  # one image size for all samples, or one per sample
+
+
+# ------------------------------------------------------------------------------------------------------ the spec
+
 
 @dataclass(frozen=True)
-class ViewRecipe:
-    """One view's augmentation: probabilities and ranges (a range None: that op is off)."""
+class ViewSpec:
+    """One view: output size, crop, and each op's probability and range (a range None: that op is off).
 
+    Ranges are torchvision ColorJitter's resolved (min, max) factors; sigmas are in output pixels.
+    """
+
+    size: int
     scale: tuple[float, float]
     hflip: float
     jitter: float
-    brightness: Optional[tuple[float, float]]
-    contrast: Optional[tuple[float, float]]
-    saturation: Optional[tuple[float, float]]
-    hue: Optional[tuple[float, float]]
+    brightness: Range
+    contrast: Range
+    saturation: Range
+    hue: Range
     gray: float
     blur: float
     sigmas: tuple[float, float]
     solarize: float
+    ratio: tuple[float, float] = RATIO
+
+    @property
+    def jitter_ranges(self) -> tuple[Range, Range, Range, Range]:
+        """In torchvision's fn_idx order (brightness, contrast, saturation, hue)."""
+        return (self.brightness, self.contrast, self.saturation, self.hue)
 
 
-def _jitter_range(value: float, center: float, clip_zero: bool) -> Optional[tuple[float, float]]:
+def _jitter_range(value: float, center: float, clip_zero: bool) -> Range:
     """torchvision's ColorJitter._check_input for a single number."""
     low, high = center - value, center + value
     if clip_zero:
@@ -88,8 +131,28 @@ def _jitter_range(value: float, center: float, clip_zero: bool) -> Optional[tupl
     return None if low == high == center else (low, high)
 
 
-def view_recipes(cfg: Config, info: DatasetInfo) -> list[ViewRecipe]:
-    """The two views' recipes, read from the config exactly as `augment.view_transforms` reads it."""
+def preset_for(cfg: Config) -> str:
+    """augment.preset, with auto resolved: BYOL's pair for MoCo v3 (as its paper), MoCo v2's for the rest."""
+    if cfg.augment.preset != "auto":
+        return cfg.augment.preset
+    return "byol" if cfg.method.name == "mocov3" else "simsiam"
+
+
+def local_size(cfg: Config, info: DatasetInfo) -> int:
+    """augment.local_size, or 96/224 of the image size rounded to a multiple of 4 (a ViT patch), at least 8."""
+    if cfg.augment.local_size is not None:
+        return cfg.augment.local_size
+    return max(8, 4 * round(info.image_size * LOCAL_SIZE_RATIO / 4))
+
+
+def view_specs(cfg: Config, info: DatasetInfo) -> list[ViewSpec]:
+    """Every view of a step: the preset's two global views, then augment.local_crops local ones.
+
+    SimSiam: MoCo v2's augmentation (lightly's SimSiamViewTransform: crop 0.2-1, blur p 0.5), both views alike.
+    BYOL: lightly's BYOLView1Transform / BYOLView2Transform (crop 0.08-1; blur p 1.0 / 0.1; solarise p 0 / 0.2).
+    Both: flip 0.5, colour jitter p 0.8 of strength augment.color_jitter (0.4, 0.4, saturation 0.4 SimSiam /
+    0.2 BYOL, 0.1), grayscale p 0.2.
+    """
     aug = cfg.augment
     preset = preset_for(cfg)
     blur = aug.blur if aug.blur is not None else info.image_size >= 64
@@ -108,14 +171,21 @@ def view_recipes(cfg: Config, info: DatasetInfo) -> list[ViewRecipe]:
         gray=0.0 if gray else 0.2,
         sigmas=(0.1 * info.image_size / 224, 2.0 * info.image_size / 224),
     )
+    size = info.image_size
     if preset == "simsiam":
-        view = ViewRecipe(scale=(aug.min_scale or 0.2, 1.0), blur=0.5 if blur else 0.0, solarize=0.0, **common)
-        return [view, view]
-    scale = (aug.min_scale or 0.08, 1.0)
-    return [
-        ViewRecipe(scale=scale, blur=1.0 if blur else 0.0, solarize=0.0, **common),
-        ViewRecipe(scale=scale, blur=0.1 if blur else 0.0, solarize=0.2 if aug.solarize else 0.0, **common),
-    ]
+        view = ViewSpec(size=size, scale=(aug.min_scale or 0.2, 1.0), blur=0.5 if blur else 0.0, solarize=0.0,
+                        **common)
+        views = [view, view]
+    else:
+        scale = (aug.min_scale or 0.08, 1.0)
+        views = [
+            ViewSpec(size=size, scale=scale, blur=1.0 if blur else 0.0, solarize=0.0, **common),
+            ViewSpec(size=size, scale=scale, blur=0.1 if blur else 0.0, solarize=0.2 if aug.solarize else 0.0,
+                     **common),
+        ]
+    local = ViewSpec(size=local_size(cfg, info), scale=tuple(aug.local_scale), blur=0.5 if blur else 0.0,
+                     solarize=0.0, **common)
+    return views + [local] * aug.local_crops
 
 
 def blur_kernel_size(sigma_max: float, size: int) -> int:
@@ -147,14 +217,18 @@ class ViewParams:
 
 
 def crop_boxes(u_area: torch.Tensor, u_logr: torch.Tensor, u_top: torch.Tensor, u_left: torch.Tensor,
-               height: int, width: int, scale: Sequence[float], ratio: Sequence[float] = RATIO):
+               height: Size, width: Size, scale: Sequence[float], ratio: Sequence[float] = RATIO):
     """RandomResizedCrop.get_params vectorised over samples, from uniforms in [0, 1).
 
-    u_area, u_logr: (B, attempts); u_top, u_left: (B,). Returns top, left, h, w (long) and the fallback mask.
+    u_area, u_logr: (B, attempts); u_top, u_left: (B,). height, width: the input images' size, an int or a (B,)
+    tensor (images of different sizes). Returns top, left, h, w (long, (B,)) and the fallback mask.
     """
     u_area, u_logr = u_area.double(), u_logr.double()
-    area = height * width
-    target = area * (scale[0] + (scale[1] - scale[0]) * u_area)
+    n = u_area.shape[0]
+    # float64 holds every product and quotient below exactly as torchvision's Python ints and floats do.
+    height = torch.as_tensor(height, dtype=torch.float64).expand(n).reshape(n, 1)
+    width = torch.as_tensor(width, dtype=torch.float64).expand(n).reshape(n, 1)
+    target = height * width * (scale[0] + (scale[1] - scale[0]) * u_area)
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     aspect = torch.exp(log_lo + (log_hi - log_lo) * u_logr)
     w = torch.round(torch.sqrt(target * aspect))  # torch.round and Python's round both round half to even
@@ -162,47 +236,76 @@ def crop_boxes(u_area: torch.Tensor, u_logr: torch.Tensor, u_top: torch.Tensor, 
     valid = (w > 0) & (w <= width) & (h > 0) & (h <= height)
     first = valid.to(torch.uint8).argmax(dim=1, keepdim=True)  # the first valid attempt
     found = valid.any(dim=1)
-    w = w.gather(1, first).squeeze(1).long()
-    h = h.gather(1, first).squeeze(1).long()
-    top = torch.floor(u_top.double() * (height - h + 1)).long().clamp(min=0)
-    left = torch.floor(u_left.double() * (width - w + 1)).long().clamp(min=0)
+    height, width = height.squeeze(1), width.squeeze(1)
+    w = w.gather(1, first).squeeze(1)
+    h = h.gather(1, first).squeeze(1)
+    top = torch.floor(u_top.double() * (height - h + 1)).clamp(min=0)
+    left = torch.floor(u_left.double() * (width - w + 1)).clamp(min=0)
     top, left = torch.minimum(top, height - h), torch.minimum(left, width - w)
     # Fallback: the central crop, the ratio clamped to the range.
     in_ratio = width / height
-    if in_ratio < min(ratio):
-        fw, fh = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        fh, fw = height, int(round(height * max(ratio)))
-    else:
-        fw, fh = width, height
+    lo, hi = min(ratio), max(ratio)
+    fw = torch.where(in_ratio < lo, width, torch.where(in_ratio > hi, torch.round(height * hi), width))
+    fh = torch.where(in_ratio < lo, torch.round(width / lo), height)
     fallback = ~found
-    h = torch.where(fallback, fh, h)
-    w = torch.where(fallback, fw, w)
-    top = torch.where(fallback, (height - fh) // 2, top)
-    left = torch.where(fallback, (width - fw) // 2, left)
+    h = torch.where(fallback, fh, h).long()
+    w = torch.where(fallback, fw, w).long()
+    height, width = height.long(), width.long()
+    top = torch.where(fallback, torch.div(height - h, 2, rounding_mode="floor"), top.long())
+    left = torch.where(fallback, torch.div(width - w, 2, rounding_mode="floor"), left.long())
     return top, left, h, w, fallback
 
 
-def _view_params(u: torch.Tensor, recipe: ViewRecipe, height: int, width: int) -> ViewParams:
+def view_params(u: torch.Tensor, spec: ViewSpec, height: Size, width: Size) -> ViewParams:
+    """One view's parameters from its uniforms u (B, DRAWS_PER_VIEW) for images of the given size(s)."""
     top, left, h, w, fallback = crop_boxes(u[:, _AREA], u[:, _LOGR], u[:, _TOP], u[:, _LEFT], height, width,
-                                           recipe.scale)
-    ranges = (recipe.brightness, recipe.contrast, recipe.saturation, recipe.hue)
-    identity = torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=torch.float64)
-    lo = torch.tensor([r[0] if r else i for r, i in zip(ranges, identity.tolist())], dtype=torch.float64)
-    hi = torch.tensor([r[1] if r else i for r, i in zip(ranges, identity.tolist())], dtype=torch.float64)
+                                           spec.scale, spec.ratio)
+    identity = (1.0, 1.0, 1.0, 0.0)
+    lo = torch.tensor([r[0] if r else i for r, i in zip(spec.jitter_ranges, identity)], dtype=torch.float64)
+    hi = torch.tensor([r[1] if r else i for r, i in zip(spec.jitter_ranges, identity)], dtype=torch.float64)
     factors = (lo + (hi - lo) * u[:, _FACTORS]).float()
-    sigma = recipe.sigmas[0] + (recipe.sigmas[1] - recipe.sigmas[0]) * u[:, _SIGMA]
+    sigma = spec.sigmas[0] + (spec.sigmas[1] - spec.sigmas[0]) * u[:, _SIGMA]
     return ViewParams(
         top=top, left=left, height=h, width=w, fallback=fallback,
-        flip=u[:, _FLIP] < recipe.hflip,
-        jitter=u[:, _CJ] < recipe.jitter,
+        flip=u[:, _FLIP] < spec.hflip,
+        jitter=u[:, _CJ] < spec.jitter,
         order=u[:, _ORDER].argsort(dim=1),  # argsort of iid uniforms: a uniformly random permutation
         factors=factors,
-        gray=u[:, _GRAY] < recipe.gray,
-        blur=u[:, _BLUR] < recipe.blur,
+        gray=u[:, _GRAY] < spec.gray,
+        blur=u[:, _BLUR] < spec.blur,
         sigma=sigma.float(),
-        solarize=u[:, _SOLAR] < recipe.solarize,
+        solarize=u[:, _SOLAR] < spec.solarize,
     )
+
+
+def step_draws(seed: int, epoch: int, step: int, global_batch: int, views: int) -> torch.Tensor:
+    """(global_batch, views, DRAWS_PER_VIEW) float64 uniforms of a step, from its own generator."""
+    generator = torch.Generator().manual_seed(sample_seed(seed, epoch, step))
+    return torch.rand(global_batch, views, DRAWS_PER_VIEW, generator=generator, dtype=torch.float64)
+
+
+@functools.lru_cache(maxsize=2)  # a loader worker asks for one position at a time, a whole batch per step
+def _cached_draws(seed: int, epoch: int, step: int, global_batch: int, views: int) -> torch.Tensor:
+    return step_draws(seed, epoch, step, global_batch, views)
+
+
+def _positions(positions, global_batch: int) -> torch.Tensor:
+    positions = torch.as_tensor(positions).cpu().long().view(-1)
+    if len(positions) and not (0 <= int(positions.min()) and int(positions.max()) < global_batch):
+        raise ValueError(f"positions must lie in [0, {global_batch}), got {positions.tolist()[:8]}...")
+    return positions
+
+
+def step_params(specs: Sequence[ViewSpec], seed: int, epoch: int, step: int, global_batch: int,
+                positions: Union[int, Sequence[int], torch.Tensor], heights: Size, widths: Size) -> list[ViewParams]:
+    """Every view's parameters for some positions of a step's global batch (an int: one position).
+
+    heights, widths: the input images' size, one for all or one per position. The same numbers as DeviceViews
+    draws for these positions: a worker cutting crops and the device rendering them agree.
+    """
+    positions = _positions(positions, global_batch)
+    u = _cached_draws(seed, epoch, step, global_batch, len(specs))[positions]
+    return [view_params(u[:, v], spec, heights, widths) for v, spec in enumerate(specs)]
 
 
 # -------------------------------------------------------------------------------------------------- batched ops
@@ -348,56 +451,62 @@ class _Packer:
         return buffer.to(device, non_blocking=True)
 
 
+def trainer_memory_format(cfg: Config) -> torch.memory_format:
+    """The memory format the trainer gives the model's inputs: channels_last for ResNets with train.channels_last
+    (the rule of batchssl.train.uses_channels_last), else contiguous."""
+    resnet = cfg.model.arch.startswith("resnet")
+    return torch.channels_last if cfg.train.channels_last and resnet else torch.contiguous_format
+
+
 class DeviceViews:
-    """Callable making both views of a batch on the images' device. See the module docstring.
+    """Callable making every view of a batch on the images' device. See the module docstring.
 
     global_batch: the global batch size, needed when a call gets only this process's rows (`positions`);
-    default cfg.train.batch_size.
+    default cfg.train.batch_size. specs: default view_specs(cfg, info). memory_format: the outputs'; default the
+    trainer's (trainer_memory_format).
     """
 
     def __init__(self, cfg: Config, info: DatasetInfo, global_batch: Optional[int] = None,
-                 random_jitter_order: bool = True):
+                 random_jitter_order: bool = True, specs: Optional[Sequence[ViewSpec]] = None,
+                 memory_format: Optional[torch.memory_format] = None):
         self.info = info
-        self.size = info.image_size
-        self.recipes = view_recipes(cfg, info)
+        self.specs = list(specs) if specs is not None else view_specs(cfg, info)
         self.global_batch = global_batch or cfg.train.batch_size
         self.random_jitter_order = random_jitter_order
-        self.kernel_size = blur_kernel_size(max(r.sigmas[1] for r in self.recipes), self.size)
-        ranges = lambda r: (r.brightness, r.contrast, r.saturation, r.hue)  # noqa: E731
-        self.active_ops = [[k for k, rng in enumerate(ranges(r)) if rng is not None] for r in self.recipes]
+        self.memory_format = memory_format or trainer_memory_format(cfg)
+        self.kernel_sizes = [blur_kernel_size(s.sigmas[1], s.size) for s in self.specs]
+        self.active_ops = [[k for k, rng in enumerate(s.jitter_ranges) if rng is not None] for s in self.specs]
         self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # mean, std on each device
 
     # ------------------------------------------------------------------ parameters (CPU)
 
     def draws(self, seed: int, epoch: int, step: int, global_batch: int) -> torch.Tensor:
-        """(global_batch, 2, DRAWS_PER_VIEW) float64 uniforms of a step, from its own generator."""
-        generator = torch.Generator().manual_seed(sample_seed(seed, epoch, step))
-        return torch.rand(global_batch, 2, DRAWS_PER_VIEW, generator=generator, dtype=torch.float64)
+        """(global_batch, views, DRAWS_PER_VIEW) float64 uniforms of a step, from its own generator."""
+        return step_draws(seed, epoch, step, global_batch, len(self.specs))
 
-    def params(self, seed: int, epoch: int, step: int, height: int, width: int,
+    def params(self, seed: int, epoch: int, step: int, height: Size, width: Size,
                positions: Optional[torch.Tensor] = None, global_batch: Optional[int] = None) -> list[ViewParams]:
-        """Both views' parameters for the rows `positions` of the global batch (all rows when None)."""
+        """Every view's parameters for the rows `positions` of the global batch (all rows when None), for input
+        images of size height x width (ints, or one per row)."""
         if positions is None:
             if global_batch is None:
                 raise ValueError("params: give positions or global_batch")
             positions = torch.arange(global_batch)
         else:
-            positions = torch.as_tensor(positions).cpu().long().view(-1)
             global_batch = global_batch or self.global_batch
-            if len(positions) and not (0 <= int(positions.min()) and int(positions.max()) < global_batch):
-                raise ValueError(f"positions must lie in [0, {global_batch}), got {positions.tolist()[:8]}...")
+            positions = _positions(positions, global_batch)
         u = self.draws(seed, epoch, step, global_batch)[positions]
-        return [_view_params(u[:, v], recipe, height, width) for v, recipe in enumerate(self.recipes)]
+        return [view_params(u[:, v], spec, height, width) for v, spec in enumerate(self.specs)]
 
-    # ------------------------------------------------------------------ the call
+    # ------------------------------------------------------------------ the calls
 
     def __call__(self, images: torch.Tensor, seed: int, epoch: int, step: int,
                  positions: Optional[torch.Tensor] = None, global_batch: Optional[int] = None) -> list[torch.Tensor]:
-        """Both views of `images` (uint8 (B, C, H, W), or float in [0, 1]) on their device.
+        """Every view of `images` (uint8 (B, C, H, W), or float in [0, 1]) on their device.
 
         positions: this process's positions in the global batch (B of them; a CPU LongTensor avoids a device
         sync); None: `images` is the whole global batch. global_batch: default the constructor's (only used with
-        positions). Returns two float32 (B, C, size, size) tensors, normalised, channels_last.
+        positions). Returns one float32 (B, C, size, size) tensor per view, normalised.
         """
         if positions is None:
             global_batch = images.shape[0]
@@ -407,20 +516,43 @@ class DeviceViews:
         return self.render(images, params)
 
     def render(self, images: torch.Tensor, params: Sequence[ViewParams]) -> list[torch.Tensor]:
-        """The views of `images` for given parameters (one ViewParams per view, B rows each)."""
+        """The views of whole `images` for given parameters (one ViewParams per view, B rows each)."""
+        self._check(images, len(params))
+        with torch.autocast(images.device.type, enabled=False):
+            x = images.float().div_(255) if images.dtype == torch.uint8 else images.float()
+            return self._render(x, [x] * len(params), params, cropped=False)
+
+    def render_crops(self, crops: Sequence[torch.Tensor], params: Sequence[ViewParams]) -> list[torch.Tensor]:
+        """The views from crops already cut and resized (view v: (B, C, size_v, size_v), uint8 or float in
+        [0, 1]): everything after the crop, with the same parameters (the crop boxes are not read)."""
+        if len(crops) != len(params):
+            raise ValueError(f"{len(crops)} crop tensors for {len(params)} views")
+        for v, (c, spec) in enumerate(zip(crops, self.specs)):
+            self._check(c, len(params))
+            if tuple(c.shape[-2:]) != (spec.size, spec.size):
+                raise ValueError(f"view {v}: crops of {tuple(c.shape[-2:])} px, the spec says {spec.size}")
+        with torch.autocast(crops[0].device.type, enabled=False):
+            # A copy in float: the ops below work in place.
+            xs = [c.float().div_(255) if c.dtype == torch.uint8 else c.float().clone() for c in crops]
+            return self._render(xs[0], xs, params, cropped=True)
+
+    def _check(self, images: torch.Tensor, views: int) -> None:
         if images.shape[1] != self.info.in_channels:
             raise ValueError(f"expected {self.info.in_channels} channels, got images of shape {tuple(images.shape)}")
-        device = images.device
+        if views != len(self.specs):
+            raise ValueError(f"{views} views' parameters for a spec of {len(self.specs)} views")
+
+    def _render(self, x, inputs, params, cropped: bool) -> list[torch.Tensor]:
+        device = x.device
         packer = _Packer()
         plans = [self._plan(p, packer, v) for v, p in enumerate(params)]
         buffer = packer.to(device)
-        with torch.autocast(device.type, enabled=False):
-            x = images.float().div_(255) if images.dtype == torch.uint8 else images.float()
-            if device not in self._stats:
-                self._stats[device] = tuple(torch.tensor(v, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-                                            for v in (self.info.mean, self.info.std))
-            mean, std = self._stats[device]
-            return [self._render_view(x, buffer, plan, mean, std) for plan in plans]
+        if device not in self._stats:
+            self._stats[device] = tuple(torch.tensor(v, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+                                        for v in (self.info.mean, self.info.std))
+        mean, std = self._stats[device]
+        return [self._render_view(inp, buffer, plan, mean, std, v, cropped)
+                for v, (inp, plan) in enumerate(zip(inputs, plans))]
 
     def _plan(self, p: ViewParams, packer: _Packer, view: int) -> dict:
         """Host-side plan of one view: which rows each op touches, in which order; tensors go to the packer."""
@@ -428,7 +560,7 @@ class DeviceViews:
         table = torch.stack([p.top.float(), p.left.float(), p.height.float(), p.width.float(), p.flip.float(),
                              p.gray.float(), p.solarize.float(), p.sigma.float()], dim=1)
         plan = {"n": n, "table": packer.add(table), "factors": packer.add(p.factors), "slots": [],
-                "gray": bool(p.gray.any()), "solarize": bool(p.solarize.any())}
+                "gray": bool(p.gray.any()), "solarize": bool(p.solarize.any()), "flip": bool(p.flip.any())}
         # Colour jitter: the jittered rows, re-ordered at each slot so that the rows doing op k are contiguous.
         active = self.active_ops[view]
         rows = torch.nonzero(p.jitter).view(-1)
@@ -455,10 +587,10 @@ class DeviceViews:
                 previous = sort
             plan["scatter"] = packer.add(rows[previous])
         blur_rows = torch.nonzero(p.blur).view(-1)
-        plan["blur"] = packer.add(blur_rows) if len(blur_rows) and self.kernel_size > 1 else None
+        plan["blur"] = packer.add(blur_rows) if len(blur_rows) and self.kernel_sizes[view] > 1 else None
         return plan
 
-    def _render_view(self, x, buffer, plan, mean, std):
+    def _render_view(self, x, buffer, plan, mean, std, view: int, cropped: bool):
         def get(key, shape=(-1,)):
             start, count = key
             return buffer[start:start + count].view(*shape)
@@ -469,7 +601,12 @@ class DeviceViews:
         table = get(plan["table"], (plan["n"], -1))
         factors = get(plan["factors"], (plan["n"], 4))
         top, left, height, width, flip, gray, solar, sigma = table.unbind(1)
-        y = resized_crop(x, top, left, height, width, flip > 0.5, self.size)
+        if not cropped:
+            y = resized_crop(x, top, left, height, width, flip > 0.5, self.specs[view].size)
+        elif plan["flip"]:
+            y = torch.where(_per_sample(flip > 0.5), x.flip(-1), x)
+        else:
+            y = x
         if plan["slots"]:
             sub = None
             for move, counts, rows in plan["slots"]:
@@ -489,8 +626,8 @@ class DeviceViews:
         if plan["blur"] is not None:
             rows = index(plan["blur"])
             y.index_copy_(0, rows, gaussian_blur(y.index_select(0, rows), sigma.index_select(0, rows),
-                                                 self.kernel_size))
+                                                 self.kernel_sizes[view]))
         if plan["solarize"]:
             y = solarize(y, solar > 0.5)
         y = y.sub_(mean).div_(std)
-        return y.contiguous(memory_format=torch.channels_last)
+        return y.contiguous(memory_format=self.memory_format)

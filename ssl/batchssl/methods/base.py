@@ -48,8 +48,9 @@ class SSLMethod(nn.Module):
         return self.batchformer if self.bf_cfg.position == position else None
 
     def project(self, views: list[Tensor]) -> list[Tensor]:
-        """Online projector outputs per view. In training with BatchFormer each holds 2n rows: [:n] the original
-        stream, [n:] the BatchFormer stream."""
+        """Online projector outputs per view (any number: views[:views.GLOBAL_VIEWS] the global crops, then the
+        local ones). In training with BatchFormer each holds 2n rows: [:n] the original stream, [n:] the
+        BatchFormer stream."""
         h = two_streams(self._bf_at("backbone"), [self.backbone(x) for x in views])
         return two_streams(self._bf_at("projector"), [self.projector(x) for x in h])
 

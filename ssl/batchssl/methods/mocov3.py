@@ -3,6 +3,8 @@
 loss = ctr(q1, k2) + ctr(q2, k1), ctr(q, k) = CE(q . all_gather(k)^T / tau, arange(N) + N * rank) * 2 tau, with
 q, k l2-normalised; keys from the momentum encoder (EMA of backbone + projector), whose momentum follows
 m = 1 - (1 - m0) (cos(pi t / T) + 1) / 2 per step (the paper's; `method.momentum_final` moves the end from 1).
+With local crops (augment.local_crops), keys come from the global views only and every view's query meets the
+keys of the global views but its own: ctr averaged over those pairs, times 2 (the paper's two terms).
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ import torch.nn.functional as F
 from lightly.models.utils import update_momentum
 from torch import Tensor, nn
 
-from batchssl.batchformer import two_stream_loss
+from batchssl.batchformer import cross_view_loss, two_stream_loss
 from batchssl.config import BatchFormerConfig, MethodConfig
 from batchssl.distributed import all_gather_no_grad, rank
 from batchssl.methods.base import SSLMethod, mlp, upcast
 from batchssl.optim import warmup_cosine
+from batchssl.views import GLOBAL_VIEWS
 
 
 def moco_momentum(step: int, total_steps: int, m0: float, final: float = 1.0) -> float:
@@ -47,18 +50,18 @@ class MoCoV3(SSLMethod):
         self.projector_momentum = copy.deepcopy(self.projector).requires_grad_(False)
         self._add_batchformer(cfg.proj_dim)
 
-    def symmetric_loss(self, q1: Tensor, q2: Tensor, k1: Tensor, k2: Tensor) -> Tensor:
-        return contrastive_loss(q1, k2, self.temperature) + contrastive_loss(q2, k1, self.temperature)
+    def loss(self, queries: list[Tensor], keys: list[Tensor]) -> Tensor:
+        """ctr(q1, k2) + ctr(q2, k1) for two views; with more, 2 x the mean over query i, key j, i != j."""
+        return len(keys) * cross_view_loss(lambda q, k: contrastive_loss(q, k, self.temperature), queries, keys)
 
     def forward(self, views: list[Tensor], step: int = 0, total_steps: int = 1) -> dict[str, Tensor]:
         n = views[0].shape[0]
         m = moco_momentum(step, total_steps, self.m0, self.m_final)
-        z1, z2 = self.project(views)
+        z = self.project(views)
         with torch.no_grad():
             if self.training:
                 update_momentum(self.backbone, self.backbone_momentum, m)
                 update_momentum(self.projector, self.projector_momentum, m)
-            k1, k2 = (self.projector_momentum(self.backbone_momentum(x)) for x in views)
-        out = two_stream_loss(self.symmetric_loss, (self.predictor(z1), self.predictor(z2)), (k1, k2),
-                              self.bf_cfg.weight)
-        return {**out, "z_std": self.z_std(z1[:n]), "momentum": torch.tensor(m)}
+            keys = [self.projector_momentum(self.backbone_momentum(x)) for x in views[:GLOBAL_VIEWS]]
+        out = two_stream_loss(self.loss, [self.predictor(x) for x in z], keys, self.bf_cfg.weight)
+        return {**out, "z_std": self.z_std(z[0][:n]), "momentum": torch.tensor(m)}

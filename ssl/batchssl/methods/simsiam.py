@@ -1,4 +1,8 @@
-"""SimSiam (Chen & He, CVPR 2021): L = D(p1, sg(z2)) / 2 + D(p2, sg(z1)) / 2, D = negative cosine similarity."""
+"""SimSiam (Chen & He, CVPR 2021): L = D(p1, sg(z2)) / 2 + D(p2, sg(z1)) / 2, D = negative cosine similarity.
+
+With local crops (augment.local_crops), every view's prediction faces the stop-gradient projections of the global
+views but its own, averaged over the pairs (batchformer.cross_view_loss).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,10 @@ from lightly.loss import NegativeCosineSimilarity
 from lightly.models.modules.heads import SimSiamPredictionHead
 from torch import Tensor, nn
 
-from batchssl.batchformer import two_stream_loss
+from batchssl.batchformer import cross_view_loss, two_stream_loss
 from batchssl.config import BatchFormerConfig, MethodConfig
 from batchssl.methods.base import SSLMethod, mlp, upcast
+from batchssl.views import GLOBAL_VIEWS
 
 
 class SimSiam(SSLMethod):
@@ -20,13 +25,17 @@ class SimSiam(SSLMethod):
         self.criterion = NegativeCosineSimilarity()
         self._add_batchformer(cfg.proj_dim)
 
-    def symmetric_loss(self, p1: Tensor, p2: Tensor, z1: Tensor, z2: Tensor) -> Tensor:
-        return 0.5 * (self.criterion(upcast(p1), upcast(z2.detach())) + self.criterion(upcast(p2), upcast(z1.detach())))
+    def negative_cosine(self, p: Tensor, z: Tensor) -> Tensor:
+        return self.criterion(upcast(p), upcast(z.detach()))
+
+    def loss(self, predictions: list[Tensor], projections: list[Tensor]) -> Tensor:
+        """Mean of D(p_i, sg(z_j)) over the views i != j (z: the global views' projections)."""
+        return cross_view_loss(self.negative_cosine, predictions, projections)
 
     def forward(self, views: list[Tensor], step: int = 0, total_steps: int = 1) -> dict[str, Tensor]:
         n = views[0].shape[0]
-        z1, z2 = self.project(views)
-        # Targets are always the original stream's projector outputs, stop-gradient.
-        out = two_stream_loss(self.symmetric_loss, (self.predictor(z1), self.predictor(z2)), (z1[:n], z2[:n]),
+        z = self.project(views)
+        # Targets are always the original stream's projector outputs of the global views, stop-gradient.
+        out = two_stream_loss(self.loss, [self.predictor(x) for x in z], [x[:n] for x in z[:GLOBAL_VIEWS]],
                               self.bf_cfg.weight)
-        return {**out, "z_std": self.z_std(z1[:n])}
+        return {**out, "z_std": self.z_std(z[0][:n])}
