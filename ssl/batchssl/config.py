@@ -24,7 +24,9 @@ DEFAULT_RECIPE = Path("recipes") / "fashion_mnist" / "mocov3_bf.yaml"
 
 @dataclass
 class DataConfig:
-    name: Literal["fashion_mnist", "cifar10", "cifar100", "stl10", "imagefolder"] = "fashion_mnist"
+    # imagefolder: data.root holds train/<class>/* and val/<class>/*; shards: data.root holds the tar shards that
+    # `python -m batchssl.shards IMAGEFOLDER OUT` wrote (WebDataset format, streamed per process).
+    name: Literal["fashion_mnist", "cifar10", "cifar100", "stl10", "imagefolder", "shards"] = "fashion_mnist"
     root: str = "data"  # Fashion-MNIST also looks in /usr/share/datasets/fashion-mnist (Debian's package)
     download: bool = False  # let torchvision download a missing dataset (needs internet)
     limit: Optional[int] = None  # use only the first N training images
@@ -33,8 +35,11 @@ class DataConfig:
     holdout: int = 0
     num_workers: int = 2  # loader workers (data.pipeline workers, and feature extraction for the monitor)
     # Where the two views are made: device = batched on the training device from a uint8 copy of the split
-    # (in-memory datasets); workers = lightly's per-sample transforms in loader workers; auto = device when possible.
-    pipeline: Literal["auto", "device", "workers"] = "auto"
+    # (in-memory datasets); split = loader workers decode (at reduced scale) and crop image files, the device does
+    # the rest (batchssl.filepipeline); workers = lightly's per-sample transforms in loader workers;
+    # auto = device for in-memory datasets, split for image files.
+    pipeline: Literal["auto", "device", "split", "workers"] = "auto"
+    shuffle_buffer: int = 1000  # data.name shards: images in each process's shuffle buffer
     image_size: Optional[int] = None  # None: the dataset's natural size (28, 32, 96, 224)
     # Long-tailed pretraining split: class c of C keeps its first int(n_max * ratio^(-c / (C - 1))) images
     # (the CIFAR-10-LT convention). 1: balanced. Evaluation splits stay balanced.
@@ -42,6 +47,10 @@ class DataConfig:
     # Pretraining only: its first N images (after holdout and limit, before the long-tailed cut); the kNN bank and
     # the probes keep theirs. The balanced twin of a long-tailed run: the same number of images, the same bank.
     pretrain_limit: Optional[int] = None
+
+    def __post_init__(self):
+        if self.shuffle_buffer < 1:
+            raise UserError("data.shuffle_buffer must be >= 1")
 
 
 @dataclass

@@ -14,9 +14,9 @@ from __future__ import annotations
 import gzip
 import hashlib
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -46,6 +46,7 @@ INFO = {
     "cifar100": DatasetInfo(100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "stl10": DatasetInfo(10, 3, 96, IMAGENET_MEAN, IMAGENET_STD),
     "imagefolder": DatasetInfo(0, 3, 224, IMAGENET_MEAN, IMAGENET_STD),  # classes counted from the folders
+    "shards": DatasetInfo(0, 3, 224, IMAGENET_MEAN, IMAGENET_STD),  # classes read from the shard index
 }
 
 
@@ -56,6 +57,10 @@ def dataset_info(cfg: DataConfig) -> DatasetInfo:
         train_dir = Path(cfg.root) / "train"
         classes = sorted(p for p in train_dir.iterdir() if p.is_dir()) if train_dir.is_dir() else []
         return DatasetInfo(len(classes), 3, size, info.mean, info.std)
+    if cfg.name == "shards":
+        from batchssl.shards import read_index
+
+        return DatasetInfo(len(read_index(cfg.root)["classes"]), 3, size, info.mean, info.std)
     return DatasetInfo(info.num_classes, info.in_channels, size, info.mean, info.std)
 
 
@@ -255,6 +260,10 @@ def load_split(cfg: DataConfig, split: str) -> Dataset:
         return _fashion_mnist(cfg, train=split != "test")
     if cfg.name == "imagefolder":
         return _image_folder(cfg, split)
+    if cfg.name == "shards":
+        from batchssl.shards import ShardImages
+
+        return ShardImages(cfg.root, "val" if split == "test" else "train")
     if cfg.name == "stl10" and split == "pretrain":
         return _torchvision(cfg, "train+unlabeled")
     return _torchvision(cfg, "test" if split == "test" else "train")

@@ -1,0 +1,153 @@
+"""The split pipeline for image files (batchssl.filepipeline): loader workers decode and crop, the device does the
+rest. Crops are torchvision's RandomResizedCrop (distribution and pixels), one process equals the rows of several,
+workers equal the main process, and bad folders stop before training with one line."""
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
+from PIL import Image
+from scipy.stats import ks_2samp
+
+from batchssl.config import load_config
+from batchssl.data import dataset_info
+from batchssl.errors import UserError
+from batchssl.filepipeline import StepCrops, build_split_pipeline, image_folder_source
+from batchssl.views import view_specs
+from benchmarks.make_photo_folder import build
+
+SIZE = 32
+
+
+def config(root, *overrides, recipe="recipes/imagenet/mocov3_r50.yaml"):
+    return load_config(recipe, [f"data.root={root}", f"data.image_size={SIZE}", "train.batch_size=8",
+                                "data.num_workers=0", *overrides])
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """16 + 4 JPEG photos at about 500x375 in 3 classes."""
+    return build(tmp_path_factory.mktemp("photos"), train=16, val=4)
+
+
+@pytest.fixture(scope="module")
+def pngs(tmp_path_factory):
+    """The same kind of photos as PNG files of mixed sizes (lossless: PIL reads exactly what was written)."""
+    root = tmp_path_factory.mktemp("pngs")
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        folder = root / "train" / f"c{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        h, w = int(rng.integers(20, 90)), int(rng.integers(20, 90))
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+def test_crop_boxes_follow_random_resized_crop_ks(photos):
+    """The boxes cut for images of their own sizes have torchvision's area and aspect distributions."""
+    cfg = config(photos)
+    specs = view_specs(cfg, dataset_info(cfg.data))
+    batch, steps = 64, 60
+    crops = StepCrops(list(range(batch)), specs, cfg.seed, batch, torch.arange(batch))
+    rng = np.random.default_rng(1)
+    heights = torch.as_tensor(rng.integers(300, 600, batch))
+    widths = torch.as_tensor(rng.integers(300, 600, batch))
+    boxes = torch.cat([crops.boxes(0, step, heights, widths)[:, 0] for step in range(steps)])  # view 1
+    area = (boxes[:, 2] * boxes[:, 3]).double() / (heights * widths).repeat(steps)
+    aspect = (boxes[:, 3].double() / boxes[:, 2]).log()
+    assert ((boxes[:, :2] >= 0) & (boxes[:, 0:1] + boxes[:, 2:3] <= heights.repeat(steps).view(-1, 1))).all()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        ref = []
+        for h, w in zip(heights.repeat(steps).tolist(), widths.repeat(steps).tolist()):
+            _, _, rh, rw = T.RandomResizedCrop.get_params(torch.empty(1, h, w), list(specs[0].scale),
+                                                          list(specs[0].ratio))
+            ref.append((rh * rw / (h * w), np.log(rw / rh)))
+    ref = np.asarray(ref)
+    assert ks_2samp(area.numpy(), ref[:, 0]).pvalue > 1e-3
+    assert ks_2samp(aspect.numpy(), ref[:, 1]).pvalue > 1e-3
+
+
+def test_crops_are_torchvision_resized_crops(pngs):
+    """Full-scale crops equal torchvision's functional resized_crop on PIL's RGB image with the same box."""
+    cfg = config(pngs, "train.batch_size=4", "augment.local_crops=1")
+    pipeline = build_split_pipeline(cfg, dataset_info(cfg.data), torch.device("cpu"))
+    source, crops = pipeline.crops.source, pipeline.crops
+    views, labels = crops[(1, 0)]
+    rows = crops.rows(1, 0).tolist()
+    images = [Image.open(source.paths[r]).convert("RGB") for r in rows]
+    boxes = crops.boxes(1, 0, torch.tensor([im.height for im in images]), torch.tensor([im.width for im in images]))
+    assert len(views) == len(crops.specs) == 3 and views[2].shape[1] < SIZE  # two global views, one local crop
+    for i, image in enumerate(images):
+        for v, spec in enumerate(crops.specs):
+            expected = TF.resized_crop(image, *boxes[i, v].tolist(), [spec.size, spec.size],
+                                       T.InterpolationMode.BILINEAR)
+            np.testing.assert_array_equal(views[v][i].numpy(), np.asarray(expected))
+    assert labels.tolist() == [int(source.labels[r]) for r in rows]
+
+
+def test_one_process_equals_the_rows_of_two(photos):
+    """The same step's views: world 1's rows r::2 are exactly world 2's rank r (crops and device views)."""
+    cfg = config(photos)
+    info = dataset_info(cfg.data)
+    one = build_split_pipeline(cfg, info, torch.device("cpu"))
+    two = [build_split_pipeline(cfg, info, torch.device("cpu"), rank=r, world=2) for r in range(2)]
+    crops_one, labels_one = one.crops[(0, 1)]
+    views_one = one.render(crops_one, 0, 1)
+    for rank, pipeline in enumerate(two):
+        crops, labels = pipeline.crops[(0, 1)]
+        for c1, c2 in zip(crops_one, crops):
+            assert torch.equal(c1[rank::2], c2)
+        assert torch.equal(labels_one[rank::2], labels)
+        for v1, v2 in zip(views_one, pipeline.render(crops, 0, 1)):
+            torch.testing.assert_close(v1[rank::2], v2, rtol=0, atol=1e-5)
+
+
+def test_loader_workers_deliver_the_main_process_batches_in_order(photos):
+    """With 2 loader workers the epoch's batches equal those made in the main process (and a second pass, as
+    after a resume, makes them again)."""
+    cfg = config(photos)
+    info = dataset_info(cfg.data)
+    main = list(build_split_pipeline(cfg, info, torch.device("cpu")).batches(1))
+    workers = build_split_pipeline(config(photos, "data.num_workers=2"), info, torch.device("cpu"))
+    for _ in range(2):
+        got = list(workers.batches(1))
+        assert len(got) == len(main) == 2
+        for (views_a, labels_a), (views_b, labels_b) in zip(main, got):
+            assert torch.equal(labels_a, labels_b)
+            for a, b in zip(views_a, views_b):
+                assert torch.equal(a, b)
+    assert not torch.equal(main[0][0][0], main[1][0][0])
+
+
+def test_views_are_normalised_and_augmented(photos):
+    cfg = config(photos)
+    pipeline = build_split_pipeline(cfg, dataset_info(cfg.data), torch.device("cpu"))
+    views, labels = next(iter(pipeline.batches(0)))
+    assert [tuple(v.shape) for v in views] == [(8, 3, SIZE, SIZE)] * 2 and labels.shape == (8,)
+    assert all(v.dtype == torch.float32 and v.is_contiguous(memory_format=torch.channels_last) for v in views)
+    assert -1.5 < float(views[0].mean()) < 1.5 and not torch.equal(views[0], views[1])
+
+
+def test_a_folder_of_empty_files_stops_before_training(tmp_path):
+    for i in range(4):
+        folder = tmp_path / "train" / f"c{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{i}.jpg").write_bytes(b"")
+    with pytest.raises(UserError, match=r"every image file checked \(4\) is empty \(0 bytes\)"):
+        image_folder_source(config(tmp_path))
+
+
+def test_a_truncated_file_is_named(photos, tmp_path):
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(photos, root)
+    victim = sorted((root / "train").rglob("*.jpg"))[5]
+    victim.write_bytes(victim.read_bytes()[:2000])
+    cfg = config(root)
+    pipeline = build_split_pipeline(cfg, dataset_info(cfg.data), torch.device("cpu"))
+    with pytest.raises(UserError, match=f"cannot read image {victim}"):
+        for _ in pipeline.batches(0):
+            pass
