@@ -7,6 +7,7 @@ processes give one process's losses is tests/test_distributed.py's subject. What
 wrong is what depends on the node: both processes have LOCAL_RANK 0 and node ranks from the rendezvous, so a data
 shard, a seed, a log line or a file chosen by local rank instead of global rank shows here as another loss or a
 duplicated line.
+A node that never joins: `python -m batchssl.launch` (torchrun with the same options) ends with one line.
 """
 
 import os
@@ -59,3 +60,17 @@ def test_two_nodes_give_the_losses_of_two_processes_on_one_node(tmp_path):
     assert step_lines(tmp_path / "nodes") == [1, 2, 3, 4]  # one writer: no step logged by both nodes
     assert nodes == pytest.approx(node, rel=1e-6)
     assert (tmp_path / "nodes" / "backbone.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_node_that_never_joins_ends_with_one_line_naming_the_endpoint_and_timeout(tmp_path):
+    port = free_port()
+    cmd = [sys.executable, "-m", "batchssl.launch", *two_node_command(0, port)[3:]]
+    cmd[cmd.index("join_timeout=120")] = "join_timeout=2"
+    result = subprocess.run([*cmd, *RUN, f"output_dir={tmp_path}"], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2
+    assert result.stdout == "" and result.stderr.count("\n") == 1, result.stderr[-3000:]
+    assert result.stderr.startswith(f"batchssl.launch: error: not every node joined the rendezvous at "
+                                    f"127.0.0.1:{port} within 2 s (--nnodes 2; torchrun --rdzv-conf join_timeout=")
+    assert not any(tmp_path.iterdir())  # no training process started: nothing written
