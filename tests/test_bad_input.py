@@ -1,7 +1,10 @@
-"""Every error a user can cause, through the real entry points: one line, exit status 2, before any expensive work,
-and nothing that was there before is lost."""
+"""Every error a user can cause, through the real entry points' main(): one line, exit status 2, before any
+expensive work, and nothing that was there before is lost. The entry points run in this process (the same main()
+that `python pretrain.py` / `python -m knn_eval` call); subprocesses only where the process boundary is the point:
+torch not yet imported, and a lock held by another, killed process."""
 
 import json
+import os
 import signal
 import stat
 import subprocess
@@ -10,32 +13,36 @@ import time
 
 import pytest
 
-from batchssl.checkpoint import complete_checkpoints
-from helpers import REPO, TINY, read_metrics
+from batchssl.checkpoint import LOCK_FILE, RunLock, complete_checkpoints
+from helpers import REPO, TINY, load_script, main_in_process, pretrain_in_process, read_metrics, run_entry
+from knn_eval.__main__ import main as knn_main
+from linear_probe.__main__ import main as probe_main
 
 TINY_RUN = [*TINY, "monitor.enabled=false"]
+MAINS = {"pretrain.py": lambda argv: load_script("pretrain.py").main(argv), "knn_eval": knn_main,
+         "linear_probe": probe_main}
 
 
-def run(args, check=False, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
-
-
-def one_line(result, prog: str) -> str:
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    lines = [line for line in result.stderr.strip().splitlines() if line.startswith(f"{prog}: error: ")]
-    assert len(lines) == 1, result.stderr[-3000:]
+def one_line(stderr: str, prog: str) -> str:
+    """The one `prog: error: ...` line of an exit with status 2 (checked by `refused`), and no traceback."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    lines = [line for line in stderr.strip().splitlines() if line.startswith(f"{prog}: error: ")]
+    assert len(lines) == 1, stderr[-3000:]
     return lines[0]
+
+
+def refused(prog: str, argv) -> str:
+    """`prog argv` in this process must exit with status 2 and one error line; returns that line."""
+    return one_line(main_in_process(MAINS[prog], argv, expect=2), prog)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A finished tiny run with its knn.json and linear_probe.json results."""
     out = tmp_path_factory.mktemp("trained")
-    assert run(["pretrain.py", *TINY_RUN, "train.epochs=2", "checkpoint.every_n_epochs=1",
-                f"output_dir={out}"]).returncode == 0
-    assert run(["-m", "knn_eval", "--run", str(out), "--k", "20"]).returncode == 0
-    assert run(["-m", "linear_probe", "--run", str(out), "--epochs", "2"]).returncode == 0
+    pretrain_in_process([*TINY_RUN, "train.epochs=2", "checkpoint.every_n_epochs=1", f"output_dir={out}"])
+    main_in_process(knn_main, ["--run", out, "--k", "20"])
+    main_in_process(probe_main, ["--run", out, "--epochs", "2"])
     return out
 
 
@@ -49,7 +56,7 @@ def test_config_errors_come_before_torch_is_imported(tmp_path):
     code = ("import runpy, sys\nsys.argv = ['pretrain.py', 'train.epoch=3']\ntry:\n"
             "    runpy.run_path('pretrain.py', run_name='__main__')\nexcept SystemExit as e:\n"
             "    print(e.code, 'torch' in sys.modules, 'accelerate' in sys.modules)\n")
-    result = run(["-c", code])
+    result = run_entry("-c", code)
     assert result.stdout.split() == ["2", "False", "False"], result.stderr
     assert "unknown config key 'train.epoch'" in result.stderr
 
@@ -62,21 +69,21 @@ def test_config_errors_come_before_torch_is_imported(tmp_path):
 ])
 def test_bad_values_are_one_line(override, words, tmp_path):
     # The bad value comes last: it is the one that counts.
-    assert words in one_line(run(["pretrain.py", f"output_dir={tmp_path}/run", override]), "pretrain.py")
+    assert words in refused("pretrain.py", [f"output_dir={tmp_path}/run", override])
     assert not (tmp_path / "run").exists()
 
 
 def test_empty_recipe_is_refused(tmp_path):
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
-    line = one_line(run(["pretrain.py", "--config", str(empty), f"output_dir={tmp_path}/run"]), "pretrain.py")
+    line = refused("pretrain.py", ["--config", empty, f"output_dir={tmp_path}/run"])
     assert "is empty" in line and not (tmp_path / "run").exists()
 
 
 def test_output_dir_that_cannot_be_created(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    line = one_line(run(["pretrain.py", *TINY_RUN, f"output_dir={blocker}/run"]), "pretrain.py")
+    line = refused("pretrain.py", [*TINY_RUN, f"output_dir={blocker}/run"])
     assert f"cannot create the run directory {blocker}/run" in line
     assert blocker.read_text() == "not a directory"
 
@@ -84,43 +91,48 @@ def test_output_dir_that_cannot_be_created(tmp_path):
 @pytest.mark.slow
 def test_one_run_per_directory_and_a_killed_holder_never_blocks(tmp_path):
     out = tmp_path / "run"
-    args = ["pretrain.py", *TINY_RUN, "train.epochs=200", f"output_dir={out}"]  # long: it is killed below
-    first = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [*TINY_RUN, "train.epochs=200", f"output_dir={out}"]  # long: it is killed below
+    # The holder is another process (a POSIX lock never blocks its own process), killed with SIGKILL.
+    first = subprocess.Popen([sys.executable, "pretrain.py", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
         # Until the first epoch's checkpoint is out, so the evaluator finds a backbone to score and meets the lock.
         while not (out / "backbone.safetensors").is_file() and time.time() < deadline:
             time.sleep(0.1)
-        second = run(args)
-        evaluator = run(["-m", "knn_eval", "--run", str(out)])
+        second = refused("pretrain.py", args)
+        evaluator = refused("knn_eval", ["--run", out])
         alive = first.poll() is None
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
     assert alive, "the first run ended before the second one started: the test proves nothing"
-    line = one_line(second, "pretrain.py")
-    assert f"{out} is in use by pretrain.py (pid {first.pid} on " in line
-    assert f"is in use by pretrain.py (pid {first.pid}" in one_line(evaluator, "knn_eval")
+    assert f"{out} is in use by pretrain.py (pid {first.pid} on " in second
+    assert f"is in use by pretrain.py (pid {first.pid}" in evaluator
     # The killed holder's lock file is still there, and blocks nothing (a short rerun: 1 epoch).
-    assert (out / ".lock").is_file()
-    rerun = run(["pretrain.py", *TINY_RUN, "checkpoint.allow_changes=true", f"output_dir={out}"])
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert (out / LOCK_FILE).is_file()
+    pretrain_in_process([*TINY_RUN, "checkpoint.allow_changes=true", f"output_dir={out}"])
     steps = [m["step"] for m in read_metrics(out) if "loss" in m]
     assert steps == sorted(set(steps))  # no line written twice
 
 
 def test_stale_lock_file_does_not_block(tmp_path):
+    # The lock is the kernel's, not the file's: a file left by a run that died holds nothing (the kill test above
+    # reruns pretrain.py over a real one).
     out = tmp_path / "run"
     out.mkdir()
-    (out / ".lock").write_text("pretrain.py (pid 999999 on elsewhere)\n")  # left by a run that died
-    assert run(["pretrain.py", *TINY_RUN, f"output_dir={out}"]).returncode == 0
+    (out / LOCK_FILE).write_text("pretrain.py (pid 999999 on elsewhere)\n")
+    lock = RunLock(out, "pretrain.py").acquire()
+    try:
+        assert (out / LOCK_FILE).read_text().startswith(f"pretrain.py (pid {os.getpid()} on ")
+    finally:
+        lock.release()
 
 
 @pytest.mark.slow
 def test_resume_with_changed_settings_is_refused_unless_allowed(trained):
     before = snapshot(trained)
-    line = one_line(run(["pretrain.py", *TINY_RUN, "train.epochs=3", "optim.base_lr=1e30",
-                         f"output_dir={trained}"]), "pretrain.py")
+    line = refused("pretrain.py", [*TINY_RUN, "train.epochs=3", "optim.base_lr=1e30", f"output_dir={trained}"])
     assert "was trained with other settings" in line and "optim.base_lr" in line and "allow_changes" in line
     assert snapshot(trained) == before  # config.yaml still describes the checkpoints beside it
     # Settings that change neither model nor trajectory are free, and the history records each start.
@@ -131,9 +143,8 @@ def test_resume_with_changed_settings_is_refused_unless_allowed(trained):
 @pytest.mark.slow
 def test_allowed_change_keeps_the_history(tmp_path):
     out = tmp_path / "run"
-    assert run(["pretrain.py", *TINY_RUN, "checkpoint.every_n_epochs=1", f"output_dir={out}"]).returncode == 0
-    result = run(["pretrain.py", *TINY_RUN, "train.epochs=2", "checkpoint.allow_changes=true", f"output_dir={out}"])
-    assert result.returncode == 0, result.stderr[-2000:]
+    pretrain_in_process([*TINY_RUN, "checkpoint.every_n_epochs=1", f"output_dir={out}"])
+    pretrain_in_process([*TINY_RUN, "train.epochs=2", "checkpoint.allow_changes=true", f"output_dir={out}"])
     history = [json.loads(line) for line in (out / "config_history.jsonl").read_text().splitlines()]
     assert [h["config"]["train"]["epochs"] for h in history] == [1, 2]
     assert history[1]["resumed_from"].endswith("epoch_0001")
@@ -145,35 +156,35 @@ def test_allowed_change_keeps_the_history(tmp_path):
 @pytest.mark.slow
 def test_corrupt_newest_checkpoint_names_the_way_out(tmp_path):
     out = tmp_path / "run"
-    args = ["pretrain.py", *TINY_RUN, "train.epochs=2", "checkpoint.every_n_epochs=1", f"output_dir={out}"]
-    assert run(args).returncode == 0
+    args = [*TINY_RUN, "train.epochs=2", "checkpoint.every_n_epochs=1", f"output_dir={out}"]
+    pretrain_in_process(args)
     older, newest = complete_checkpoints(out)
     (newest / "model.safetensors").write_bytes(b"garbage")
-    line = one_line(run(args), "pretrain.py")  # the same command, as a user reruns it
+    line = refused("pretrain.py", args)  # the same command, as a user reruns it
     assert f"checkpoint {newest} is damaged" in line and f"checkpoint.resume={older}" in line
     assert older.is_dir() and (older / "model.safetensors").stat().st_size > 1000
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args, words", [
-    (["-m", "linear_probe", "--epochs", "0"], "linear_probe: error: --epochs must be >= 1, got 0"),
-    (["-m", "linear_probe", "--epochs", "-3"], "linear_probe: error: --epochs must be >= 1, got -3"),
-    (["-m", "linear_probe", "--val-fraction", "1.5"], "linear_probe: error: --val-fraction must be in (0, 1)"),
-    (["-m", "knn_eval", "--k", "0"], "knn_eval: error: k must be >= 1"),
-    (["-m", "knn_eval", "--temperature", "0"], "knn_eval: error: temperature must be a positive number"),
+@pytest.mark.parametrize("prog, args, words", [
+    ("linear_probe", ["--epochs", "0"], "linear_probe: error: --epochs must be >= 1, got 0"),
+    ("linear_probe", ["--epochs", "-3"], "linear_probe: error: --epochs must be >= 1, got -3"),
+    ("linear_probe", ["--val-fraction", "1.5"], "linear_probe: error: --val-fraction must be in (0, 1)"),
+    ("knn_eval", ["--k", "0"], "knn_eval: error: k must be >= 1"),
+    ("knn_eval", ["--temperature", "0"], "knn_eval: error: temperature must be a positive number"),
 ])
-def test_evaluator_arguments_are_checked_before_any_work(trained, args, words):
+def test_evaluator_arguments_are_checked_before_any_work(trained, prog, args, words):
     before = snapshot(trained)
-    result = run([*args, "--run", str(trained)])
-    assert one_line(result, args[1]) == words or one_line(result, args[1]).startswith(words)
-    assert "features" not in result.stderr and "kNN bank" not in result.stderr  # nothing was extracted
+    stderr = main_in_process(MAINS[prog], [*args, "--run", trained], expect=2)
+    assert one_line(stderr, prog).startswith(words)
+    assert "features" not in stderr and "kNN bank" not in stderr  # nothing was extracted
     assert snapshot(trained) == before  # knn.json / linear_probe.json untouched
 
 
 @pytest.mark.slow
 def test_results_of_other_settings_are_kept(trained):
     knn = json.loads((trained / "knn.json").read_text())
-    assert run(["-m", "knn_eval", "--run", str(trained), "--k", "5", "--temperature", "0.1"]).returncode == 0
+    main_in_process(knn_main, ["--run", trained, "--k", "5", "--temperature", "0.1"])
     again = json.loads((trained / "knn.json").read_text())
     assert knn["entries"].items() <= again["entries"].items()  # the earlier entry is still there, unchanged
     assert len(again["entries"]) == len(knn["entries"]) + 1 and "temperature=0.1" in again["latest"]
@@ -206,7 +217,7 @@ def test_imagefolder_problems_are_one_line(case, tmp_path):
         broken = root / "train" / "dog" / "3.jpg"
         broken.write_bytes(broken.read_bytes()[:40])  # cut short
         expected = f"cannot read image {broken}"
-    result = run(["pretrain.py", "data.name=imagefolder", f"data.root={root}", "data.image_size=32",
-                  "data.num_workers=1", "train.batch_size=4", "train.epochs=1", "model.width=0.25",
-                  "monitor.enabled=false", f"output_dir={tmp_path / 'run'}"])
-    assert expected in one_line(result, "pretrain.py")
+    line = refused("pretrain.py", ["data.name=imagefolder", f"data.root={root}", "data.image_size=32",
+                                   "data.num_workers=1", "train.batch_size=4", "train.epochs=1", "model.width=0.25",
+                                   "monitor.enabled=false", f"output_dir={tmp_path / 'run'}"])
+    assert expected in line

@@ -1,11 +1,8 @@
-import subprocess
-import sys
-
 import pytest
 
 from batchssl.config import DEFAULT_RECIPE, load_config, load_run_config, save_config
 from batchssl.errors import UserError
-from helpers import REPO
+from helpers import REPO, load_script, main_in_process, run_entry
 
 
 def test_default_recipe_is_fashion_mnist_with_batchformer():
@@ -16,8 +13,8 @@ def test_default_recipe_is_fashion_mnist_with_batchformer():
 
 def test_quick_run_keys_and_override_types():
     cfg = load_config(None, ["output_dir=runs/x", "seed=3", "train.epochs=2", "data.limit=100", "data.val_limit=50",
-                             "checkpoint.every_n_epochs=1", "monitor.every_n_epochs=5", "optim.base_lr=1", "optim.weight_decay=1e-5",
-                             "optim.betas=[0.8, 0.9]", "train.log_with=null",
+                             "checkpoint.every_n_epochs=1", "monitor.every_n_epochs=5", "optim.base_lr=1",
+                             "optim.weight_decay=1e-5", "optim.betas=[0.8, 0.9]", "train.log_with=null",
                              "train.mixed_precision=no"])
     assert cfg.output_dir == "runs/x" and cfg.seed == 3 and cfg.train.epochs == 2
     assert cfg.data.limit == 100 and cfg.data.val_limit == 50
@@ -87,17 +84,15 @@ def test_resolved_config_round_trips(tmp_path):
 
 
 def test_cli_bad_key_is_one_line_and_nonzero(tmp_path):
+    # In this process (the process boundary: test_bad_input.test_config_errors_come_before_torch_is_imported).
     out = tmp_path / "run"
-    result = subprocess.run([sys.executable, "pretrain.py", "train.epoch=1", f"output_dir={out}"], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert lines == ["pretrain.py: error: unknown config key 'train.epoch' (did you mean 'train.epochs'?)"]
+    err = main_in_process(load_script("pretrain.py").main, ["train.epoch=1", f"output_dir={out}"], expect=2)
+    assert err.strip().splitlines() == [
+        "pretrain.py: error: unknown config key 'train.epoch' (did you mean 'train.epochs'?)"]
     assert not out.exists()  # nothing was started
 
 
 def test_repo_root_does_not_shadow_the_tls_module():
-    result = subprocess.run([sys.executable, "-c", "import ssl; ssl.create_default_context(); print(ssl.__file__)"],
-                            cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
+    # A fresh interpreter started in the repository root, as a user's `python pretrain.py` is.
+    result = run_entry("-c", "import ssl; ssl.create_default_context(); print(ssl.__file__)", timeout=60)
     assert str(REPO) not in result.stdout

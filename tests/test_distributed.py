@@ -7,13 +7,13 @@ norm) of one step directly.
 """
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from helpers import REPO, TINY, run_pretrain, run_torchrun, step_losses
+from helpers import REPO, TINY, run_entry, run_pretrain, step_losses
+from helpers import grads_2proc as grads
 
 CASES = {
     "simsiam_bf_gather": ["--config", "recipes/fashion_mnist/simsiam_bf.yaml", "batchformer.gather=true"],
@@ -75,8 +75,7 @@ def test_batch_not_divisible_by_processes_is_refused(tmp_path):
 def test_two_process_gradients_equal_one_process_in_float64(method, batchformer, tmp_path):
     """In float64 the 2-process gradients (DDP + synced BN + gathered keys/attention) equal the 1-process ones to
     1e-9: the float32 runs above differ after step 1 only by rounding, amplified through batch norm."""
-    script, out = str(REPO / "tests" / "helpers" / "grads_2proc.py"), str(tmp_path / "grads.pt")
-    subprocess.run([sys.executable, script, method, batchformer, out], check=True, timeout=120)
-    result = run_torchrun(script, method, batchformer, out)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    reference = tmp_path / "grads.pt"
+    torch.save(grads.one_process_grads(method, batchformer), reference)  # one process: this one
+    result = run_entry(grads.__file__, method, batchformer, reference, launcher="torchrun", timeout=300)
     assert "max relative gradient difference" in result.stdout

@@ -9,7 +9,7 @@ from torch.utils.data import TensorDataset
 
 from batchssl.eval.features import extract_features
 from helpers import extract_2proc as helper
-from helpers import run_torchrun
+from helpers import run_entry
 
 HELPER = Path(helper.__file__)  # also run under torchrun, by path
 
@@ -57,8 +57,7 @@ def test_empty_dataset_is_an_error():
 
 
 def test_two_processes_gather_in_dataset_order(tmp_path):
-    done = run_torchrun(HELPER, str(tmp_path), timeout=180)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_entry(HELPER, tmp_path, launcher="torchrun", timeout=180)
 
     backbone, dataset = helper.build()
     expected, expected_labels = extract_features(backbone, dataset, batch_size=4)

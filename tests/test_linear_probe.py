@@ -1,4 +1,5 @@
-"""batchssl.eval.linear_cached / linear_augmented: the cached grid, the augmented protocol, its frozen-backbone check, resume, two processes."""
+"""batchssl.eval.linear_cached / linear_augmented: the cached grid, the augmented protocol, its frozen-backbone
+check, resume, two processes."""
 
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from batchssl.eval.linear_augmented import (
 from batchssl.eval.linear_cached import CachedProbeSettings, topk_accuracy, train_cached_probes, train_val_split
 from batchssl.optim import LARS
 from helpers import probe_2proc as helper
-from helpers import run_torchrun
+from helpers import run_entry
 
 HELPER = Path(helper.__file__)  # also run under torchrun, by path
 
@@ -98,7 +99,8 @@ def test_augmented_probe_runs_and_leaves_backbone_as_it_was():
 
 def test_augmented_probe_standardises_with_training_feature_statistics(tmp_path):
     backbone, train_set, test_set = helper.build()
-    train_augmented_probe(backbone, train_set, test_set, checkpoint_dir=tmp_path, settings=helper.settings(epochs=1), **helper.PROBE)
+    train_augmented_probe(backbone, train_set, test_set, checkpoint_dir=tmp_path, settings=helper.settings(epochs=1),
+                          **helper.PROBE)
     state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
     backbone.eval()  # 64 training images: all of them fix the statistics, through the backbone in eval mode
     with torch.no_grad():
@@ -106,7 +108,8 @@ def test_augmented_probe_standardises_with_training_feature_statistics(tmp_path)
     torch.testing.assert_close(state["feature_mean"], feats.mean(0))
     torch.testing.assert_close(state["feature_inv_std"], torch.rsqrt(feats.var(0, unbiased=False) + 1e-6))
 
-    train_augmented_probe(backbone, train_set, test_set, checkpoint_dir=tmp_path / "raw", settings=helper.settings(epochs=1, standardize=False), **helper.PROBE)
+    train_augmented_probe(backbone, train_set, test_set, checkpoint_dir=tmp_path / "raw",
+                          settings=helper.settings(epochs=1, standardize=False), **helper.PROBE)
     raw = torch.load(tmp_path / "raw" / CHECKPOINT_NAME, weights_only=True)
     assert torch.equal(raw["feature_mean"], torch.zeros(helper.FEATURE_DIM))
     assert torch.equal(raw["feature_inv_std"], torch.ones(helper.FEATURE_DIM))
@@ -158,7 +161,8 @@ class Interrupt(Exception):
 
 def test_resume_from_epoch_checkpoint_equals_uninterrupted_run(tmp_path):
     backbone, train_set, test_set = helper.build()
-    straight = train_augmented_probe(backbone, train_set, test_set, checkpoint_dir=tmp_path / "a", settings=helper.settings(), **helper.PROBE)
+    straight = train_augmented_probe(backbone, train_set, test_set, checkpoint_dir=tmp_path / "a",
+                                     settings=helper.settings(), **helper.PROBE)
 
     # Second run: killed in its second epoch (the first epoch's checkpoint is on disk), then resumed.
     forwards = 0
@@ -171,10 +175,12 @@ def test_resume_from_epoch_checkpoint_equals_uninterrupted_run(tmp_path):
 
     handle = backbone.register_forward_hook(interrupt)
     with pytest.raises(Interrupt):
-        train_augmented_probe(backbone, train_set, test_set, checkpoint_dir=tmp_path / "b", settings=helper.settings(), **helper.PROBE)
+        train_augmented_probe(backbone, train_set, test_set, checkpoint_dir=tmp_path / "b", settings=helper.settings(),
+                              **helper.PROBE)
     handle.remove()
     assert torch.load(tmp_path / "b" / CHECKPOINT_NAME, weights_only=True)["epoch"] == 1
-    resumed = train_augmented_probe(backbone, train_set, test_set, checkpoint_dir=tmp_path / "b", settings=helper.settings(), **helper.PROBE)
+    resumed = train_augmented_probe(backbone, train_set, test_set, checkpoint_dir=tmp_path / "b",
+                                    settings=helper.settings(), **helper.PROBE)
 
     a = torch.load(tmp_path / "a" / CHECKPOINT_NAME, weights_only=True)
     b = torch.load(tmp_path / "b" / CHECKPOINT_NAME, weights_only=True)
@@ -190,19 +196,20 @@ def test_resume_from_epoch_checkpoint_equals_uninterrupted_run(tmp_path):
     with torch.no_grad():
         backbone[0].bias.add_(1.0)
     with pytest.raises(UserError, match="another backbone"):
-        train_augmented_probe(backbone, train_set, test_set, checkpoint_dir=tmp_path / "b", settings=helper.settings(), **helper.PROBE)
+        train_augmented_probe(backbone, train_set, test_set, checkpoint_dir=tmp_path / "b", settings=helper.settings(),
+                              **helper.PROBE)
 
 
 def test_two_processes_match_one(tmp_path):
-    done = run_torchrun(HELPER, str(tmp_path), timeout=180)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_entry(HELPER, tmp_path, launcher="torchrun", timeout=180)
     two = torch.load(tmp_path / "result.pt", weights_only=True)
     two_head = torch.load(tmp_path / "ckpt" / CHECKPOINT_NAME, weights_only=True)["head"]
 
     # Each process takes half of every global batch and DDP averages the gradients: the same steps as one
     # process with the whole batch, up to float summation order.
     backbone, train_set, test_set = helper.build()
-    one = train_augmented_probe(backbone, train_set, test_set, checkpoint_dir=tmp_path / "one", settings=helper.settings(), **helper.PROBE)
+    one = train_augmented_probe(backbone, train_set, test_set, checkpoint_dir=tmp_path / "one",
+                                settings=helper.settings(), **helper.PROBE)
     one_head = torch.load(tmp_path / "one" / CHECKPOINT_NAME, weights_only=True)["head"]
     for name in one_head:
         torch.testing.assert_close(two_head[name], one_head[name], rtol=1e-4, atol=1e-6)

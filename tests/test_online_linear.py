@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from batchssl.online_linear import OnlineLinear, feature_tap, gather_rows
-from helpers import run_torchrun
+from helpers import run_entry
 
 
 def toy(n: int, dim: int = 16, classes: int = 4, seed: int = 0, scale: float = 30.0):
@@ -184,8 +184,7 @@ TWO_PROCESSES = textwrap.dedent("""
 def test_gathered_rows_keep_the_copies_equal_on_two_processes(tmp_path):
     script = tmp_path / "probe_2proc.py"
     script.write_text(TWO_PROCESSES)
-    result = run_torchrun(str(script), str(tmp_path / "r0.pt"), str(tmp_path / "r1.pt"), timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_entry(script, tmp_path / "r0.pt", tmp_path / "r1.pt", launcher="torchrun", timeout=240)
     r0, r1 = (torch.load(tmp_path / f"r{r}.pt", weights_only=True) for r in (0, 1))
     for key, value in r0["two"].items():
         if torch.is_tensor(value):
