@@ -36,10 +36,9 @@ def run_two_nodes(args: list[str], logs, timeout: float = 300) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     try:
         for node in (0, 1):
-            log = open(logs / f"node{node}.log", "w")
-            procs.append(subprocess.Popen([*two_node_command(node, port), *args], cwd=REPO, env=env, stdout=log,
-                                          stderr=subprocess.STDOUT, text=True))
-            log.close()
+            with open(logs / f"node{node}.log", "w") as log:  # the child keeps its own copy of the descriptor
+                procs.append(subprocess.Popen([*two_node_command(node, port), *args], cwd=REPO, env=env, stdout=log,
+                                              stderr=subprocess.STDOUT, text=True))
             time.sleep(1)  # node 0 first, so that it hosts the rendezvous store
         deadline = time.monotonic() + timeout
         codes = [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
@@ -74,3 +73,37 @@ def test_a_node_that_never_joins_ends_with_one_line_naming_the_endpoint_and_time
     assert result.stderr.startswith(f"batchssl.launch: error: not every node joined the rendezvous at "
                                     f"127.0.0.1:{port} within 2 s (--nnodes 2; torchrun --rdzv-conf join_timeout=")
     assert not any(tmp_path.iterdir())  # no training process started: nothing written
+
+
+def test_group_timeout_is_seconds_from_the_environment(monkeypatch):
+    import datetime
+
+    from batchssl.errors import UserError
+    from batchssl.launch import TIMEOUT_ENV, group_timeout
+
+    monkeypatch.delenv(TIMEOUT_ENV, raising=False)
+    assert group_timeout() is None  # torch's default
+    monkeypatch.setenv(TIMEOUT_ENV, "90.5")
+    assert group_timeout() == datetime.timedelta(seconds=90.5)
+    for bad in ("0", "-3", "ten", "nan"):
+        monkeypatch.setenv(TIMEOUT_ENV, bad)
+        with pytest.raises(UserError, match=f"^{TIMEOUT_ENV}={bad} must be a number of seconds > 0$"):
+            group_timeout()
+
+
+@pytest.mark.slow
+def test_a_process_whose_group_never_forms_ends_with_one_line(tmp_path):
+    # Processes started without a launcher's rendezvous (srun or mpirun starting pretrain.py itself): rank 0 of 2
+    # alone waits for the other at MASTER_ADDR:MASTER_PORT for BATCHSSL_DIST_TIMEOUT_S, then stops.
+    port = free_port()
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "BATCHSSL_DIST_TIMEOUT_S": "2",
+           "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "pretrain.py", *RUN, f"output_dir={tmp_path / 'run'}"], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"pretrain.py: error: the 2 processes of this run did not all join the process group at 127.0.0.1:{port} "
+        "within 2 s (BATCHSSL_DIST_TIMEOUT_S): ")
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()

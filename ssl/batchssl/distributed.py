@@ -32,17 +32,25 @@ def rank() -> int:
 def make_accelerator(**kwargs):
     """An Accelerator that also forms a process group when torchrun starts several processes on a machine
     without GPUs (Accelerate only does so with cpu=True; with GPUs it picks NCCL by itself)."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, InitProcessGroupKwargs
+
+    from batchssl.launch import explain_join_failure, group_timeout
 
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(cpu=several and not torch.cuda.is_available(), **kwargs)
+    if group_timeout() is not None:  # BATCHSSL_DIST_TIMEOUT_S: joining and every collective (batchssl.launch)
+        handler = InitProcessGroupKwargs(timeout=group_timeout())
+        kwargs["kwargs_handlers"] = [*kwargs.get("kwargs_handlers", []), handler]
+    with explain_join_failure():
+        return Accelerator(cpu=several and not torch.cuda.is_available(), **kwargs)
 
 
 def init_model_group(device: torch.device) -> None:
     """Collective: every process calls it once, after the process group exists and before the model runs."""
     global _model_group
     if world_size() > 1 and device.type == "cpu" and _model_group is None:
-        _model_group = dist.new_group(backend="gloo")
+        from batchssl.launch import group_timeout
+
+        _model_group = dist.new_group(backend="gloo", timeout=group_timeout())  # None: torch's default
 
 
 def _group():

@@ -13,6 +13,7 @@ default backend) up to `--rdzv-conf timeout` (default 600 s); then it raises. Th
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 
 from batchssl.errors import UserError, exit_on_user_error
 
@@ -49,3 +50,46 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+
+
+# --- The training processes' side: forming the process group (batchssl.distributed.make_accelerator) ----------
+
+TIMEOUT_ENV = "BATCHSSL_DIST_TIMEOUT_S"
+
+
+def group_timeout():
+    """BATCHSSL_DIST_TIMEOUT_S as a timedelta (None: torch's default, 10 min on NCCL, 30 on gloo). It bounds the
+    wait for every process to join the group (where no launcher rendezvous came first: processes started by srun
+    or mpirun themselves) and every collective after it (a node lost mid-run), so keep it above the longest pause
+    one rank can impose on the others (rank 0's kNN monitor, a checkpoint write)."""
+    import datetime
+    import os
+
+    raw = os.environ.get(TIMEOUT_ENV)
+    if raw is None:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise UserError(f"{TIMEOUT_ENV}={raw} must be a number of seconds > 0")
+    return datetime.timedelta(seconds=seconds)
+
+
+@contextmanager
+def explain_join_failure():
+    """A process group that does not form in time becomes one line naming MASTER_ADDR:MASTER_PORT and the timeout."""
+    import os
+
+    from torch.distributed import DistError
+
+    try:
+        yield
+    except DistError as err:
+        endpoint = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        timeout = group_timeout()
+        wait = f"{timeout.total_seconds():g} s ({TIMEOUT_ENV})" if timeout else f"torch's default wait ({TIMEOUT_ENV})"
+        raise UserError(f"the {os.environ.get('WORLD_SIZE', '?')} processes of this run did not all join the process "
+                        f"group at {endpoint} within {wait}: start every node, and check that {endpoint} is reachable "
+                        f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
