@@ -107,3 +107,38 @@ def test_a_process_whose_group_never_forms_ends_with_one_line(tmp_path):
         "within 2 s (BATCHSSL_DIST_TIMEOUT_S): ")
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def _comm_on_paper():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("comm_on_paper", REPO / "benchmarks" / "comm_on_paper.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, module)  # its dataclass looks its module up there
+    spec.loader.exec_module(sys.modules[spec.name])
+    return sys.modules[spec.name]
+
+
+def test_scale_on_paper_counts_by_hand():
+    """benchmarks/comm_on_paper.py on numbers worked out by hand."""
+    from batchssl.config import load_config
+
+    comm = _comm_on_paper()
+    # 1 M float32 gradients over a ring of 8 GPUs: 2 x 7/8 x 4 MB = 7 MB per GPU, 0.56 ms at 100 Gb/s (12.5 GB/s).
+    tiny = comm.Census(trainable_params=1_000_000, key_gathers=[], bf_gathers=[], bn_forward=[], bn_backward=[])
+    row = comm.step_seconds(tiny, global_batch=256, gpus=8, gbps=100, hop_us=5.0, compute_s=1e-3)
+    assert row["bytes"]["grad"] == pytest.approx(7e6) and row["seconds"]["grad"] == pytest.approx(0.56e-3)
+    assert row["efficiency"] == pytest.approx(1.0)  # the all-reduce hides behind a longer backward
+    # The default recipe's model (ResNet-18 + MoCo v3 heads): ResNet-18 has 20 batch norms (stem, 2 per basic block,
+    # 3 downsamples), run on 2 views by the online and the momentum encoder (80 calls), the projector's 2 by both
+    # (8), the predictor's 1 on the online side (2); gradients flow through the online ones (40 + 4 + 2). Keys: one
+    # all-gather per (query, key) pair of the loss, 128 float32 values per image, twice with BatchFormer's stream.
+    cfg = load_config(REPO / "recipes" / "fashion_mnist" / "mocov3_bf.yaml", ["batchformer.enabled=false"])
+    plain = comm.census(cfg)
+    assert (len(plain.bn_forward), len(plain.bn_backward)) == (90, 46)
+    assert plain.key_gathers == [(1.0, 128, 4)] * 2 and plain.bf_gathers == []
+    with_bf = comm.census(load_config(REPO / "recipes" / "fashion_mnist" / "mocov3_bf.yaml",
+                                      ["batchformer.gather=true"]))
+    assert with_bf.key_gathers == [(1.0, 128, 4)] * 4
+    assert len(with_bf.bf_gathers) == 1 and with_bf.bf_gathers[0][:2] == (2.0, 128)  # both views' rows, joint scope
+    assert with_bf.trainable_params > plain.trainable_params  # the BatchFormer layer's weights are all-reduced too
