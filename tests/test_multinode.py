@@ -2,7 +2,8 @@
 per node), against two processes started by one torchrun on one node.
 
 Both runs have two processes, each with half the global batch and the same gloo reductions, so their losses agree
-to float rounding at every step and at the recipe's own precision (bf16 autocast, channels_last). That two
+to float rounding at every step, with the recipe's own precision settings (bf16 autocast where the CPU has native
+bf16, else float32; channels_last). That two
 processes give one process's losses is tests/test_distributed.py's subject. What only the two-node launch can get
 wrong is what depends on the node: both processes have LOCAL_RANK 0 and node ranks from the rendezvous, so a data
 shard, a seed, a log line or a file chosen by local rank instead of global rank shows here as another loss or a
