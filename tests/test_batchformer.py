@@ -3,10 +3,10 @@
 import pytest
 import torch
 
+from batchssl.backbones import build_backbone
 from batchssl.batchformer import BatchFormer, joint_mask, two_streams
 from batchssl.checkpoint import export_backbone, load_backbone
 from batchssl.config import BatchFormerConfig, MethodConfig, ModelConfig
-from batchssl.backbones import build_backbone
 from batchssl.methods.mocov3 import MoCoV3
 from batchssl.methods.simsiam import SimSiam
 
@@ -158,3 +158,32 @@ def test_cross_view_loss_pairs_every_view_with_the_other_targets():
     assert cross_view_loss(pair, online[:2], targets).item() == (1 + 10) / 2  # two views: the symmetric mean
     with pytest.raises(ValueError):
         cross_view_loss(pair, online[:1], targets[:1])
+
+
+@pytest.mark.parametrize("cls", [SimSiam, MoCoV3])
+def test_multi_crop_runs_through_the_pipeline_and_a_method(cls):
+    """Two global + two local crops from the device pipeline, forward and backward with BatchFormer (joint)."""
+    import numpy as np
+
+    from batchssl.config import Config
+    from batchssl.data import INFO
+    from batchssl.pipeline import DevicePipeline
+
+    cfg = Config()
+    cfg.method.name = "simsiam" if cls is SimSiam else "mocov3"
+    cfg.augment.local_crops, cfg.train.batch_size = 2, 6
+    images = np.random.RandomState(0).randint(0, 256, (12, 28, 28)).astype(np.uint8)
+    pipeline = DevicePipeline(cfg, INFO["fashion_mnist"], images, np.arange(12) % 10, torch.device("cpu"))
+    views, labels = next(iter(pipeline.batches(0)))
+    assert [tuple(v.shape) for v in views] == [(6, 1, 28, 28)] * 2 + [(6, 1, 12, 12)] * 2 and len(labels) == 6
+    torch.manual_seed(0)
+    method = tiny_method(cls).train()
+    out = method(views, 0, 10)
+    assert out["loss"].item() == pytest.approx(out["loss_main"].item() + 0.5 * out["loss_bf"].item(), rel=1e-5)
+    out["loss"].backward()
+    for name, part in method.trainable_parts().items():
+        assert all(p.grad is not None for p in part.parameters()), name
+    # The local crops take part in the loss.
+    torch.manual_seed(0)
+    other = tiny_method(cls).train()(views[:2] + [views[3], views[2].flip(-1)], 0, 10)
+    assert other["loss_main"].item() != pytest.approx(out["loss_main"].item(), rel=1e-6)

@@ -89,3 +89,23 @@ def test_moco_forward_is_the_symmetric_loss_and_updates_the_momentum_encoder():
         torch.nn.functional.normalize(q, dim=1) @ torch.nn.functional.normalize(k, dim=1).T / 0.2,
         torch.arange(6)) * 0.4 for q, k in ((q1, k2), (q2, k1)))
     assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_two_view_losses_are_the_papers_formulas_exactly():
+    """The list form (cross_view_loss) gives the two-view formulas bit for bit: the recipes' losses unchanged."""
+    torch.manual_seed(0)
+    q1, q2, k1, k2 = (torch.randn(5, 4) for _ in range(4))
+    moco = MoCoV3(tiny_backbone(), 8, MethodConfig(name="mocov3", proj_hidden_dim=8, proj_dim=4, temperature=0.2),
+                  BatchFormerConfig())
+    expected = contrastive_loss(q1, k2, 0.2) + contrastive_loss(q2, k1, 0.2)
+    assert torch.equal(moco.loss([q1, q2], [k1, k2]), expected)
+    simsiam = SimSiam(tiny_backbone(), 8, MethodConfig(proj_hidden_dim=8, proj_dim=4, pred_hidden_dim=4),
+                      BatchFormerConfig())
+    cos = torch.nn.functional.cosine_similarity
+    expected = 0.5 * (-cos(q1, k2).mean() - cos(q2, k1).mean())
+    assert torch.equal(simsiam.loss([q1, q2], [k1, k2]), expected)
+    # Local crops: every query against the global keys but its own, 2 x the mean over those pairs.
+    q3 = torch.randn(5, 4)
+    pairs = [(q1, k2), (q2, k1), (q3, k1), (q3, k2)]
+    expected = 2 * sum(contrastive_loss(q, k, 0.2) for q, k in pairs) / 4
+    torch.testing.assert_close(moco.loss([q1, q2, q3], [k1, k2]), expected, rtol=1e-6, atol=0)

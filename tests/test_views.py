@@ -9,9 +9,11 @@ import torch
 import torchvision.transforms as T
 import torchvision.transforms.v2.functional as TF
 
-from batchssl.config import Config
-from batchssl.data import INFO, DatasetInfo
+from batchssl.config import Config, build_config
+from batchssl.data import INFO, DatasetInfo, sample_seed
+from batchssl.errors import UserError
 from batchssl.views import (
+    DRAWS_PER_VIEW,
     RATIO,
     DeviceViews,
     adjust_brightness,
@@ -23,6 +25,7 @@ from batchssl.views import (
     resized_crop,
     rgb_to_grayscale,
     solarize,
+    step_params,
     view_specs,
 )
 
@@ -104,6 +107,23 @@ def test_crop_sampler_follows_torchvision_loop_exactly():
            for i in range(n)]
     assert ours == [list(r) for r in ref]
     assert 0 < int(fallback.sum()) < n
+
+
+def test_crop_sampler_with_a_size_per_sample_follows_torchvision_loop():
+    """Files differ in size: every sample its own height and width (tall, wide, square, tiny), fallback included."""
+    g = torch.Generator().manual_seed(11)
+    n = 2000
+    heights = torch.randint(1, 90, (n,), generator=g)
+    widths = torch.randint(1, 90, (n,), generator=g)
+    heights[:4], widths[:4] = torch.tensor([24, 64, 1, 7]), torch.tensor([64, 24, 1, 7])
+    ua, ur = torch.rand(n, 10, generator=g, dtype=torch.float64), torch.rand(n, 10, generator=g, dtype=torch.float64)
+    ut, ul = torch.rand(n, generator=g, dtype=torch.float64), torch.rand(n, generator=g, dtype=torch.float64)
+    top, left, h, w, fallback = crop_boxes(ua, ur, ut, ul, heights, widths, SCALE)
+    ref = [reference_get_params(ua[i].tolist(), ur[i].tolist(), float(ut[i]), float(ul[i]), int(heights[i]),
+                                int(widths[i]), SCALE) for i in range(n)]
+    assert torch.stack([top, left, h, w], 1).tolist() == [list(r) for r in ref]
+    assert 0 < int(fallback.sum()) < n
+    assert ((top + h <= heights) & (left + w <= widths) & (h >= 1) & (w >= 1)).all()
 
 
 def test_crop_distribution_matches_torchvision_ks():
@@ -343,3 +363,143 @@ def test_output_format_and_normalisation():
         torch.testing.assert_close(v, raw, atol=1e-5, rtol=0)
     rgb = DeviceViews(make_cfg("simsiam"), INFO["cifar10"])(smooth_images(8, 3, 32), 0, 0, 0)
     assert rgb[0].shape == (8, 3, 32, 32) and rgb[1].is_contiguous(memory_format=torch.channels_last)
+
+
+# ------------------------------------------------------------------------------ 6. two views as before the spec
+
+
+def test_two_view_draws_are_the_pre_spec_layout():
+    """The recipes' views before views became a spec: a (B, 2, 36) block of float64 uniforms per step from a
+    generator seeded by sample_seed(seed, epoch, step); per view, columns 0-9 crop areas, 10-19 log-ratios, then
+    top, left, flip, jitter, 4 for the op order, 4 factors, gray, blur, sigma, solarise. The same seeds must give
+    the same parameters, hence the same views and losses."""
+    info = INFO["stl10"]
+    s0, s1 = 0.1 * 96 / 224, 2.0 * 96 / 224
+    for method in ("mocov3", "simsiam"):
+        views = DeviceViews(make_cfg(method), info)
+        params = views.params(7, 3, 11, 96, 96, global_batch=64)
+        u = torch.rand(64, 2, 36, generator=torch.Generator().manual_seed(sample_seed(7, 3, 11)), dtype=torch.float64)
+        assert DRAWS_PER_VIEW == 36 and len(params) == 2
+        blur, solar = {"mocov3": ((1.0, 0.1), (0.0, 0.2)), "simsiam": ((0.5, 0.5), (0.0, 0.0))}[method]
+        sat = 0.4 if method == "simsiam" else 0.2
+        scale = (0.08 if method == "mocov3" else 0.2, 1.0)
+        for v, p in enumerate(params):
+            x = u[:, v]
+            boxes = [reference_get_params(x[b, :10].tolist(), x[b, 10:20].tolist(), float(x[b, 20]),
+                                          float(x[b, 21]), 96, 96, scale) for b in range(64)]
+            assert torch.stack([p.top, p.left, p.height, p.width], 1).tolist() == [list(r) for r in boxes]
+            assert torch.equal(p.flip, x[:, 22] < 0.5) and torch.equal(p.jitter, x[:, 23] < 0.8)
+            assert torch.equal(p.order, x[:, 24:28].argsort(dim=1))
+            lo = torch.tensor([0.6, 0.6, 1 - sat, -0.1], dtype=torch.float64)
+            hi = torch.tensor([1.4, 1.4, 1 + sat, 0.1], dtype=torch.float64)
+            torch.testing.assert_close(p.factors, (lo + (hi - lo) * x[:, 28:32]).float(), atol=1e-6, rtol=0)
+            assert torch.equal(p.gray, x[:, 32] < 0.2) and torch.equal(p.blur, x[:, 33] < blur[v])
+            torch.testing.assert_close(p.sigma, (s0 + (s1 - s0) * x[:, 34]).float(), atol=1e-6, rtol=0)
+            assert torch.equal(p.solarize, x[:, 35] < solar[v])
+
+
+# -------------------------------------------------------------------------------- 7. local crops, file entries
+
+
+def test_local_crops_spec_sizes_and_output():
+    cfg = make_cfg("simsiam", local_crops=2)
+    specs = view_specs(cfg, INFO["fashion_mnist"])
+    assert [s.size for s in specs] == [28, 28, 12, 12] and specs[2].scale == (0.05, 0.4)
+    assert specs[2] == specs[3] and specs[2].solarize == 0 and specs[2].jitter == specs[0].jitter
+    assert [s.size for s in view_specs(make_cfg(local_crops=1), INFO["stl10"])] == [96, 96, 40]
+    assert view_specs(make_cfg(local_crops=1, local_size=16), INFO["cifar10"])[2].size == 16
+    assert view_specs(make_cfg("mocov3", local_crops=1, blur=True), INFO["cifar10"])[2].blur == 0.5
+    views = DeviceViews(cfg, INFO["fashion_mnist"])
+    out = views(smooth_images(16, 1, 28, seed=12), seed=0, epoch=0, step=0)
+    assert [tuple(v.shape) for v in out] == [(16, 1, 28, 28)] * 2 + [(16, 1, 12, 12)] * 2
+    # Local crops cover 5-40 % of the image (rounding aside), global ones 20-100 %.
+    params = views.params(0, 0, 0, 28, 28, global_batch=4000)
+    area = [(p.height * p.width).double() / 28**2 for p in params]
+    assert area[2].min() >= 0.03 and area[2].max() <= 0.45 and area[0].min() >= 0.18
+    assert not torch.equal(params[2].top, params[3].top)  # each view its own draws
+
+
+def test_local_crops_config_is_checked():
+    base = {"augment": {}}
+    with pytest.raises(UserError, match="local_crops"):
+        build_config({"augment": {"local_crops": -1}})
+    with pytest.raises(UserError, match="local_scale"):
+        build_config({"augment": {"local_scale": [0.5, 0.2]}})
+    with pytest.raises(UserError, match="local_size"):
+        build_config({"augment": {"local_size": 4}})
+    assert build_config(base).augment.local_crops == 0
+
+
+def test_memory_format_follows_the_trainer():
+    info, images = INFO["cifar10"], smooth_images(4, 3, 32)
+    cfg = make_cfg("mocov3")
+    assert DeviceViews(cfg, info)(images, 0, 0, 0)[0].is_contiguous(memory_format=torch.channels_last)
+    for key, value in (("channels_last", False), ("arch", "vit_tiny")):
+        cfg = make_cfg("mocov3")
+        setattr(cfg.train if key == "channels_last" else cfg.model, key, value)
+        out = DeviceViews(cfg, info)(images, 0, 0, 0)
+        assert all(v.is_contiguous() for v in out), key
+
+
+def test_step_params_for_one_position_of_an_image_of_its_own_size():
+    """A loader worker's view of one sample equals the device's for the same (seed, epoch, step, position)."""
+    cfg = make_cfg("mocov3", local_crops=2)
+    views = DeviceViews(cfg, INFO["cifar10"], global_batch=8)
+    heights, widths = torch.tensor([40, 300, 32, 7, 90, 64, 33, 500]), torch.tensor([50, 200, 32, 9, 30, 64, 99, 375])
+    batch = views.params(1, 2, 3, heights, widths, global_batch=8)
+    for position in (0, 3, 7):
+        one = step_params(views.specs, 1, 2, 3, 8, position, int(heights[position]), int(widths[position]))
+        assert len(one) == 4
+        for v in range(4):
+            for name, value in vars(one[v]).items():
+                assert torch.equal(value, getattr(batch[v], name)[position:position + 1]), (v, name)
+    with pytest.raises(ValueError):
+        step_params(views.specs, 1, 2, 3, 8, 8, 32, 32)
+
+
+def test_render_crops_equals_render_from_whole_images():
+    """Crops cut (unflipped) and resized beforehand, then render_crops: the same views as render does."""
+    info = DatasetInfo(10, 3, 64, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    views = DeviceViews(make_cfg("mocov3", local_crops=1), info)
+    images = smooth_images(24, 3, 64, seed=13)
+    params = views.params(0, 1, 2, 64, 64, global_batch=24)
+    x = images.float() / 255
+    crops = [resized_crop(x, p.top, p.left, p.height, p.width, torch.zeros(24, dtype=torch.bool), spec.size)
+             for p, spec in zip(params, views.specs)]
+    for a, b in zip(views.render(images, params), views.render_crops(crops, params)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert int(params[0].flip.sum()) > 0 and int(params[0].jitter.sum()) > 0
+    uint8 = [c.mul(255).round().to(torch.uint8) for c in crops]  # what a loader worker sends
+    assert [tuple(v.shape) for v in views.render_crops(uint8, params)] == [(24, 3, 64, 64)] * 2 + [(24, 3, 28, 28)]
+    with pytest.raises(ValueError, match="spec says"):
+        views.render_crops([uint8[0], uint8[1], uint8[0]], params)
+
+
+def test_worker_transforms_are_built_from_the_same_specs():
+    """augment.view_transforms (the data.pipeline=workers chain) reads view_specs: sizes, crop, probabilities."""
+    from lightly.transforms.gaussian_blur import GaussianBlur
+    from lightly.transforms.solarize import RandomSolarization
+    from PIL import Image
+
+    from batchssl.augment import view_transforms
+
+    cfg, info = make_cfg("mocov3", local_crops=1), INFO["stl10"]
+    specs = view_specs(cfg, info)
+    transforms = view_transforms(cfg, info)
+    assert len(transforms) == len(specs) == 3
+    for spec, chain in zip(specs, transforms):
+        crop, flip, jitter, gray, *rest = chain.transforms
+        assert list(crop.size) == [spec.size] * 2 and tuple(crop.scale) == spec.scale and crop.ratio == spec.ratio
+        assert flip.p == spec.hflip and jitter.p == spec.jitter and gray.p == spec.gray
+        cj = jitter.transforms[0]
+        assert (cj.brightness, cj.contrast, cj.saturation, cj.hue) == spec.jitter_ranges
+        blur = [t for t in rest if isinstance(t, GaussianBlur)]
+        solar = [t for t in rest if isinstance(t, RandomSolarization)]
+        assert [b.prob for b in blur] == ([spec.blur] if spec.blur else [])
+        assert all(b.sigmas == spec.sigmas for b in blur)
+        assert [s.prob for s in solar] == ([spec.solarize] if spec.solarize else [])
+    image = Image.fromarray(smooth_images(1, 3, 96)[0].permute(1, 2, 0).numpy())
+    assert [tuple(t(image).shape) for t in transforms] == [(3, 96, 96), (3, 96, 96), (3, 40, 40)]
+    # Grayscale data: saturation and hue off, as on the device.
+    gray = view_transforms(make_cfg("simsiam"), INFO["fashion_mnist"])[0].transforms[2].transforms[0]
+    assert gray.saturation is None and gray.hue is None

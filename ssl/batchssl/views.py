@@ -65,8 +65,8 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -89,8 +89,8 @@ _ORDER, _FACTORS = slice(_CJ + 1, _CJ + 5), slice(_CJ + 5, _CJ + 9)
 _GRAY, _BLUR, _SIGMA, _SOLAR = range(_CJ + 9, _CJ + 13)
 DRAWS_PER_VIEW = _SOLAR + 1
 
-Range = Optional[tuple[float, float]]
-Size = Union[int, torch.Tensor]  # one image size for all samples, or one per sample
+Range = tuple[float, float] | None
+Size = int | torch.Tensor  # one image size for all samples, or one per sample
 
 
 # ------------------------------------------------------------------------------------------------------ the spec
@@ -291,13 +291,13 @@ def _cached_draws(seed: int, epoch: int, step: int, global_batch: int, views: in
 
 def _positions(positions, global_batch: int) -> torch.Tensor:
     positions = torch.as_tensor(positions).cpu().long().view(-1)
-    if len(positions) and not (0 <= int(positions.min()) and int(positions.max()) < global_batch):
+    if len(positions) and not (int(positions.min()) >= 0 and int(positions.max()) < global_batch):
         raise ValueError(f"positions must lie in [0, {global_batch}), got {positions.tolist()[:8]}...")
     return positions
 
 
 def step_params(specs: Sequence[ViewSpec], seed: int, epoch: int, step: int, global_batch: int,
-                positions: Union[int, Sequence[int], torch.Tensor], heights: Size, widths: Size) -> list[ViewParams]:
+                positions: int | Sequence[int] | torch.Tensor, heights: Size, widths: Size) -> list[ViewParams]:
     """Every view's parameters for some positions of a step's global batch (an int: one position).
 
     heights, widths: the input images' size, one for all or one per position. The same numbers as DeviceViews
@@ -466,9 +466,9 @@ class DeviceViews:
     trainer's (trainer_memory_format).
     """
 
-    def __init__(self, cfg: Config, info: DatasetInfo, global_batch: Optional[int] = None,
-                 random_jitter_order: bool = True, specs: Optional[Sequence[ViewSpec]] = None,
-                 memory_format: Optional[torch.memory_format] = None):
+    def __init__(self, cfg: Config, info: DatasetInfo, global_batch: int | None = None,
+                 random_jitter_order: bool = True, specs: Sequence[ViewSpec] | None = None,
+                 memory_format: torch.memory_format | None = None):
         self.info = info
         self.specs = list(specs) if specs is not None else view_specs(cfg, info)
         self.global_batch = global_batch or cfg.train.batch_size
@@ -485,7 +485,7 @@ class DeviceViews:
         return step_draws(seed, epoch, step, global_batch, len(self.specs))
 
     def params(self, seed: int, epoch: int, step: int, height: Size, width: Size,
-               positions: Optional[torch.Tensor] = None, global_batch: Optional[int] = None) -> list[ViewParams]:
+               positions: torch.Tensor | None = None, global_batch: int | None = None) -> list[ViewParams]:
         """Every view's parameters for the rows `positions` of the global batch (all rows when None), for input
         images of size height x width (ints, or one per row)."""
         if positions is None:
@@ -501,7 +501,7 @@ class DeviceViews:
     # ------------------------------------------------------------------ the calls
 
     def __call__(self, images: torch.Tensor, seed: int, epoch: int, step: int,
-                 positions: Optional[torch.Tensor] = None, global_batch: Optional[int] = None) -> list[torch.Tensor]:
+                 positions: torch.Tensor | None = None, global_batch: int | None = None) -> list[torch.Tensor]:
         """Every view of `images` (uint8 (B, C, H, W), or float in [0, 1]) on their device.
 
         positions: this process's positions in the global batch (B of them; a CPU LongTensor avoids a device

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
-
 from lightly.models.modules.heads import ProjectionHead
 from lightly.utils.debug import std_of_l2_normalized
+from torch import Tensor, nn
 
 from batchssl.batchformer import BatchFormer, two_streams
 from batchssl.config import BatchFormerConfig, OptimConfig
