@@ -1,0 +1,229 @@
+"""BYOL, SimCLR, Barlow Twins, VICReg and DINO: each loss against a value worked out by hand from the paper's
+formula, the parts each method owns (stop-gradient targets, rank offsets, DINO's centre, temperature warmup and
+frozen last layer), the BatchFormer streams, and the gathered losses on two processes against one (torchrun)."""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from lightly.loss import NTXentLoss
+
+import batchssl.methods.simclr as simclr
+from batchssl.config import BatchFormerConfig, Config, MethodConfig
+from batchssl.methods import METHODS, build_method
+from batchssl.methods.barlowtwins import barlow_twins_loss
+from batchssl.methods.byol import BYOL, byol_regression
+from batchssl.methods.dino import dino_loss, teacher_temperature
+from batchssl.methods.simclr import nt_xent
+from batchssl.methods.vicreg import vicreg_loss
+from helpers import REPO, free_port
+
+NEW = ["byol", "simclr", "barlowtwins", "vicreg", "dino"]
+
+
+def tiny_backbone():
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 8))
+
+
+def tiny(name: str, batchformer: bool = False, **method) -> torch.nn.Module:
+    cfg = MethodConfig(name=name, proj_hidden_dim=16, proj_dim=16, proj_layers=2, pred_hidden_dim=8,
+                       dino_bottleneck_dim=8, temperature=0.2, **method)
+    extra = {"epochs": 2} if name == "dino" else {}
+    return METHODS[name](tiny_backbone(), 8, cfg, BatchFormerConfig(enabled=batchformer, dropout=0.0), **extra)
+
+
+# ------------------------------------------------------------------------------------------- losses by hand
+
+
+def test_nt_xent_by_hand():
+    tau = 0.5
+    z1 = torch.tensor([[2.0, 0.0], [0.0, 1.0]])  # normalised inside: e1, e2
+    z2 = torch.tensor([[1.0, 0.0], [0.0, 3.0]])  # e1, e2: each pair identical, the two samples orthogonal
+    # Each of the 4 rows: itself masked, its positive at cos 1 (logit 1 / tau = 2), two negatives at cos 0.
+    expected = -math.log(math.exp(2) / (math.exp(2) + 2))
+    assert nt_xent(z1, z2, tau).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_nt_xent_equals_lightly_on_one_process():
+    torch.manual_seed(0)
+    z1, z2 = torch.randn(6, 5), torch.randn(6, 5)
+    assert nt_xent(z1, z2, 0.2).item() == pytest.approx(NTXentLoss(temperature=0.2)(z1, z2).item(), rel=1e-5)
+
+
+def test_nt_xent_positives_and_self_mask_are_offset_by_rank(monkeypatch):
+    """Rank 1 of 2 (one sample each): its anchors are rows 1 of the gathered views 1 and 2, columns [a, b, c, d]
+    = [rank 0 view 1, rank 1 view 1, rank 0 view 2, rank 1 view 2]."""
+    other = {0: torch.tensor([[0.0, 1.0]]), 1: torch.tensor([[0.0, 1.0]])}  # rank 0's views: both along e2
+    calls = []
+
+    def gather(x):
+        calls.append(x)
+        return torch.cat([other[len(calls) - 1], x])
+
+    monkeypatch.setattr(simclr, "rank", lambda: 1)
+    monkeypatch.setattr(simclr, "all_gather_grad", gather)
+    z = torch.tensor([[1.0, 0.0]])  # rank 1's two views: both e1
+    # anchor view 1 (column b masked): logits [a, c, d] = [0, 0, 1]; positive d. Same for view 2 (d masked, b).
+    expected = -math.log(math.e / (2 + math.e))
+    assert nt_xent(z, z.clone(), 1.0).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_barlow_twins_by_hand():
+    lam = 0.0051
+    # Batch norm (biased variance) maps each column of two opposite values to +-1 (up to eps = 1e-5):
+    z1 = torch.tensor([[1.0, 2.0], [-1.0, -2.0]])  # -> [[1, 1], [-1, -1]]
+    z2 = torch.tensor([[3.0, -1.0], [-3.0, 1.0]])  # -> [[1, -1], [-1, 1]]
+    # C = bn(z1)^T bn(z2) / 2 = [[1, -1], [1, -1]]: on-diagonal (1 - 1)^2 + (1 - (-1))^2 = 4; off-diagonal
+    # (-1)^2 + 1^2 = 2.
+    assert barlow_twins_loss(z1, z2, lam).item() == pytest.approx(4 + lam * 2, rel=1e-4)
+
+
+def test_vicreg_by_hand():
+    z1 = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+    z2 = torch.tensor([[1.0, 0.0], [-1.0, 2.0]])
+    invariance = (0 + 0 + 0 + 2.0**2) / 4  # MSE over the 4 entries
+    # std per dimension (unbiased, eps 1e-4): z1 [sqrt(2), 0.01] -> hinge [0, 0.99], mean 0.495; z2 [sqrt(2),
+    # sqrt(2)] -> 0. Variance term: the mean of the two views.
+    variance = 0.5 * ((0 + (1 - math.sqrt(1e-4))) / 2 + 0)
+    # Covariance (N - 1 = 1): z1's off-diagonal is 0; z2 centred [[1, -1], [-1, 1]] -> cov_01 = -2: sum of the
+    # squared off-diagonal 2 * 4 = 8, over D = 2 -> 4.
+    covariance = 0 + 8 / 2
+    expected = 25 * invariance + 25 * variance + 1 * covariance  # 25 + 6.1875 + 4
+    assert vicreg_loss(z1, z2, (25.0, 25.0, 1.0)).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_byol_symmetric_loss_by_hand_and_stop_gradient():
+    p1, z2 = torch.tensor([[1.0, 0.0]], requires_grad=True), torch.tensor([[1.0, 1.0]], requires_grad=True)
+    p2, z1 = torch.tensor([[0.0, 1.0]], requires_grad=True), torch.tensor([[3.0, 0.0]], requires_grad=True)
+    loss = BYOL.loss([p1, p2], [z1, z2])
+    # l(p1, z2') = 2 - 2 / sqrt(2); l(p2, z1') = 2 - 0: the paper's L + L~.
+    assert loss.item() == pytest.approx((2 - math.sqrt(2)) + 2, rel=1e-6)
+    loss.backward()
+    assert p1.grad.abs().sum() > 0 and z1.grad is None and z2.grad is None
+    assert byol_regression(torch.tensor([[1.0, 0.0]]), torch.tensor([[-2.0, 0.0]])).item() == pytest.approx(4.0)
+
+
+def test_dino_loss_by_hand():
+    t_s = 0.1
+    s1 = torch.tensor([[0.0, 0.0]])  # softmax [1/2, 1/2]
+    s2 = torch.tensor([[math.log(3) * t_s, 0.0]])  # softmax of s2 / t_s: [3/4, 1/4]
+    t1, t2 = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.5, 0.5]])
+    # H(t1, s2) = -log(3/4); H(t2, s1) = -log(1/2); the mean over the two cross-view pairs.
+    expected = (math.log(4 / 3) + math.log(2)) / 2
+    assert dino_loss([s1, s2], [t1, t2], t_s).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_dino_teacher_temperature_warmup():
+    assert teacher_temperature(0, 10, 0.04, 0.07) == pytest.approx(0.04)
+    assert teacher_temperature(5, 10, 0.04, 0.07) == pytest.approx(0.055)
+    assert teacher_temperature(10, 10, 0.04, 0.07) == teacher_temperature(99, 10, 0.04, 0.07) == 0.07
+    assert teacher_temperature(0, 0, 0.04, 0.07) == 0.07  # no warmup
+    # In the method: 1 of 2 epochs of warmup over 10 steps -> 5 steps, logged.
+    method = tiny("dino", teacher_temp_start=0.04, teacher_temp=0.07, teacher_temp_warmup_epochs=1)
+    views = [torch.randn(4, 12), torch.randn(4, 12)]
+    temps = [method(views, step, 10)["teacher_temp"].item() for step in (0, 2, 5, 9)]
+    assert temps == pytest.approx([0.04, 0.052, 0.07, 0.07])
+
+
+def test_dino_centre_is_the_ema_of_the_teachers_batch_mean():
+    torch.manual_seed(0)
+    method = tiny("dino", center_momentum=0.9)
+    views = [torch.randn(4, 12), torch.randn(4, 12)]
+    method(views, 0, 10)
+    with torch.no_grad():  # the teacher as this step used it (its EMA update came before its forward)
+        out = torch.cat([method.predictor_momentum(method.projector_momentum(method.backbone_momentum(x)))
+                         for x in views])
+    assert torch.allclose(method.center, 0.1 * out.mean(dim=0, keepdim=True), atol=1e-7)
+    method.eval()(views, 0, 10)  # evaluation changes nothing
+    assert torch.allclose(method.center, 0.1 * out.mean(dim=0, keepdim=True), atol=1e-7)
+
+
+def test_dino_last_layer_is_frozen_for_its_epochs_only():
+    method = tiny("dino", dino_freeze_last_layer_epochs=1)  # 1 of 2 epochs: steps 0..4 of 10
+    views = [torch.randn(4, 12), torch.randn(4, 12)]
+    trainable = [p for p in method.predictor.parameters() if p.requires_grad]
+    assert len(trainable) == 1  # dino_norm_last_layer: the gain stays 1, only the direction v trains
+    for step, frozen in ((4, True), (5, False)):
+        method.zero_grad()
+        method(views, step, 10)["loss"].backward()
+        assert (trainable[0].grad.abs().sum().item() == 0) == frozen
+        assert method.backbone[1].weight.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------------- methods
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_registry_builds_each_method_from_a_config(name):
+    cfg = Config()
+    cfg.method = MethodConfig(name=name, proj_hidden_dim=16, proj_dim=16, pred_hidden_dim=8, dino_bottleneck_dim=8)
+    method = build_method(cfg, tiny_backbone(), 8)
+    assert type(method) is METHODS[name]
+    out = method([torch.randn(4, 12), torch.randn(4, 12)], 0, 10)
+    assert out["loss"].ndim == 0 and math.isfinite(out["loss"].item()) and "z_std" in out
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_batchformer_stream_trains_and_targets_stay_original(name):
+    torch.manual_seed(0)
+    method = tiny(name, batchformer=True)
+    views = [torch.randn(6, 12), torch.randn(6, 12)]
+    out = method(views, 0, 10)
+    assert out["loss"].item() == pytest.approx((out["loss_main"] + out["loss_bf"]).item(), rel=1e-6)
+    out["loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in method.batchformer.parameters()
+               if p.ndim > 1), "BatchFormer must receive gradients"
+    momentum = [p for n, p in method.named_parameters() if "momentum" in n]
+    assert (len(momentum) > 0) == (name in ("byol", "dino"))
+    assert all(p.grad is None for p in momentum)
+    grouped = {id(p) for g in method.parameter_groups(Config().optim) for p in g["params"]}
+    assert not grouped & {id(p) for p in momentum}
+    assert not any(isinstance(m, type(method.batchformer)) for n, m in method.named_modules() if "momentum" in n)
+
+
+def test_symmetric_batchformer_stream_is_its_own_batch():
+    """SimCLR's BatchFormer stream: NT-Xent over the attended projections alone, so a sample's original and
+    attended projections are never each other's negatives (a 2n-row batch would make them so)."""
+    torch.manual_seed(0)
+    method = tiny("simclr", batchformer=True)
+    views = [torch.randn(6, 12), torch.randn(6, 12)]
+    out = method(views, 0, 10)
+    z = method.project(views)  # deterministic (dropout 0, batch norm on the same batch)
+    assert out["loss_bf"].item() == pytest.approx(nt_xent(z[0][6:], z[1][6:], 0.2).item(), rel=1e-6)
+    assert out["loss_main"].item() == pytest.approx(nt_xent(z[0][:6], z[1][:6], 0.2).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_multi_crop_views_run_through_each_method(name):
+    """Two global crops and two smaller local crops (any number of views flows through the loop)."""
+    backbone = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(), torch.nn.Linear(12, 8))
+    cfg = MethodConfig(name=name, proj_hidden_dim=16, proj_dim=16, proj_layers=2, pred_hidden_dim=8,
+                       dino_bottleneck_dim=8)
+    extra = {"epochs": 1} if name == "dino" else {}
+    method = METHODS[name](backbone, 8, cfg, BatchFormerConfig(enabled=True, dropout=0.0), **extra)
+    views = [torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8), torch.randn(4, 3, 4, 4), torch.randn(4, 3, 4, 4)]
+    out = method(views, 0, 10)
+    out["loss"].backward()
+    assert math.isfinite(out["loss"].item()) and backbone[2].weight.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------------- two processes
+
+
+@pytest.mark.slow
+def test_gathered_losses_and_methods_on_two_processes_equal_one(tmp_path):
+    """One torchrun launch checks every gathered loss (SimCLR, Barlow Twins, VICReg; fp32 tight, bf16 loose) and
+    every new method's gradients under DDP with BatchFormer gathered and synced batch norm (float64), plus DINO's
+    centre, against references this process computes on the whole batch (tests/helpers/methods_2proc.py)."""
+    script = REPO / "tests" / "helpers" / "methods_2proc.py"
+    reference = tmp_path / "reference.pt"
+    subprocess.run([sys.executable, str(script), str(reference)], check=True, timeout=300)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                             "127.0.0.1", "--master_port", str(free_port()), str(script), str(reference)],
+                            cwd=REPO, capture_output=True, text=True, timeout=400,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("ok ") == 3 * 2 + 5, result.stdout
