@@ -1,19 +1,21 @@
-"""Two-view augmentation speed: lightly's per-sample PIL path vs batchssl.views.DeviceViews, side by side.
+"""Augmentation speed: the per-sample PIL path of the loader workers vs batchssl.views.DeviceViews, side by side.
 
-  lightly   today's path: data.TwoViews over data.ArrayImages (per sample: PIL image from the uint8 array, seed
-            torch/random/numpy from (seed, epoch, index), augment.view_transforms' two lightly transforms), on one
-            core (torch.set_num_threads(1)), as one DataLoader worker runs it
+  lightly   data.pipeline=workers: data.TwoViews over data.ArrayImages (per sample: PIL image from the uint8
+            array, seed torch/random/numpy from (seed, epoch, index), augment.view_transforms' torchvision / lightly
+            chains built from the view specs), on one core (torch.set_num_threads(1)), as one DataLoader worker
   device    DeviceViews on a batch gathered from a uint8 dataset tensor held on the device: parameters drawn on
-            the CPU, both views made with batched ops; on the CPU with --threads torch threads (default one, the
+            the CPU, every view made with batched ops; on the CPU with --threads torch threads (default one, the
             lightly path's share) and on CUDA when available
 
 Random uint8 images, 28 px 1 channel (Fashion-MNIST), 32 px RGB (CIFAR), 96 px RGB (STL-10), each with the
-dataset's recipe defaults (blur only from 64 px). Throughput is pairs of views per second, the median of the
-repeats; ratio = device / lightly, both measured in this run.
+dataset's recipe defaults (blur only from 64 px). Throughput is images per second, all their views made (pairs
+of views by default; --local-crops N adds N local crops per image), the median of the repeats; ratio = device /
+lightly, both measured in this run.
 
     python benchmarks/augment_speed.py              # MoCo v3 (BYOL) recipe, batches 256 and 512
     python benchmarks/augment_speed.py --quick      # fewer images and repeats
     python benchmarks/augment_speed.py --method simsiam --batches 512 --threads 1 2
+    python benchmarks/augment_speed.py --local-crops 6  # multi-crop: 2 global + 6 local views per image
 """
 
 from __future__ import annotations
@@ -90,20 +92,24 @@ def main(argv=None) -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
     parser.add_argument("--threads", type=int, nargs="+", default=[1], help="torch threads of the CPU device runs")
+    parser.add_argument("--local-crops", type=int, default=0, help="local crops per image (augment.local_crops)")
     parser.add_argument("--quick", action="store_true", help="fewer images and repeats")
     args = parser.parse_args(argv)
 
     cfg = Config()
     cfg.method.name = args.method
+    cfg.augment.local_crops = args.local_crops
     repeats = 2 if args.quick else 5
     cpu_threads = torch.get_num_threads()
     devices = [("cpu", threads) for threads in args.threads]
     if torch.cuda.is_available():
         devices.append(("cuda", cpu_threads))
     print(f"# torch {torch.__version__}, {os.cpu_count()} CPUs, {cpu_threads} torch threads, "
-          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA'}; recipe: {args.method}")
+          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA'}; recipe: {args.method}, "
+          f"views per image: 2 global + {args.local_crops} local")
+    unit = "pairs/s" if args.local_crops == 0 else "images/s"
     header = f"{'dataset':<14}{'size':>5}{'ch':>4}{'lightly/s':>11}  {'device':<7}{'threads':>8}{'batch':>7}" \
-             f"{'pairs/s':>10}{'ratio':>8}"
+             f"{unit:>10}{'ratio':>8}"
     print(header)
     print("-" * len(header))
     for name in args.datasets:
