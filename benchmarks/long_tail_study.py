@@ -18,7 +18,8 @@ trying BatchFormer's options: `--set batchformer.scope=per_view --tag _perview`)
 
     python benchmarks/long_tail_study.py                           # 4 methods x 3 seeds x {LT, balanced}
     python benchmarks/long_tail_study.py --finished-only           # the table of what has finished, starting nothing
-    python benchmarks/long_tail_study.py --methods mocov3 mocov3_bf --seeds 0 --holdout 10000 --set batchformer.weight=0.5 --tag _w05
+    python benchmarks/long_tail_study.py --methods mocov3 mocov3_bf --seeds 0 --holdout 10000 \\
+        --set batchformer.weight=0.5 --tag _w05
 """
 
 from __future__ import annotations
@@ -32,8 +33,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import (JOB_ENV, REPO, add_run_arguments, bf_effects, cached_probe_record, linear_probe,  # noqa: E402
-                     mean_std, prepare_runs, pretrain, print_bf_effects)
+from quality import (
+    JOB_ENV,
+    REPO,
+    add_run_arguments,
+    bf_effects,
+    cached_probe_record,
+    linear_probe,
+    mean_std,
+    prepare_runs,
+    pretrain,
+    print_bf_effects,
+)
 
 METHODS = ["simsiam", "simsiam_bf", "mocov3", "mocov3_bf"]
 SPLITS = {"lt": "_lt", "balanced": "_lt_balanced"}
@@ -146,7 +157,7 @@ def plot(rows: list[dict], path: Path, images: int, splits: list[str]) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -156,7 +167,7 @@ def main() -> None:
                         help="start nothing: tabulate the runs whose pretraining and evaluations are written "
                              "(each row says its seeds), e.g. while other seeds still train")
     add_run_arguments(parser, "long_tail")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     out, overrides = prepare_runs(args)
 
     def one(job):

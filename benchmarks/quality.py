@@ -28,8 +28,8 @@ for equal time on the 2-core reference machine, run one at a time.
 from __future__ import annotations
 
 import argparse
-import os
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -74,7 +74,7 @@ def cached_probe_record(path: Path) -> dict | None:
     """The last cached probe's record in a run's linear_probe.json (entries keyed by settings), if there."""
     if not path.is_file():
         return None
-    entries = json.loads(path.read_text()).get("entries", {})
+    entries = json.loads(path.read_text())["entries"]
     cached = [e for e in entries.values() if e.get("mode") == "cached"]
     return cached[-1] if cached else None
 
@@ -211,13 +211,13 @@ def prepare_runs(args: argparse.Namespace) -> tuple[Path, list[str]]:
     return out, [*args.set] + ([f"data.holdout={args.holdout}"] if args.holdout else [])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipes", nargs="+", default=RECIPES)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--note", default="", help="stored in the JSON: how the runs were made (e.g. two at once)")
     add_run_arguments(parser, "quality")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     out, overrides = prepare_runs(args)
 
     def one(pair: tuple[str, int]) -> tuple[float, float]:

@@ -1,24 +1,30 @@
-"""benchmarks/quality.py end to end on a tiny slice: two recipes run at once (--jobs), linear probes, floors,
-the JSON table and the plot, and a rerun that reuses the finished runs instead of training again."""
+"""The benchmark scripts: quality.py end to end on a tiny slice (two recipes run at once with --jobs, linear probes,
+floors, the JSON table and the plot, and a rerun that reuses the finished runs instead of training again), the
+FLOP counts, long_tail_study.py's tables and Welch's test.
+
+The scripts' main(argv) runs in this process (their own pretraining and probe runs stay the subprocesses they are);
+long_tail_study.py also runs once as a real process."""
 
 import json
 import statistics
-import subprocess
 import sys
 
 import pytest
 
-from helpers import REPO, TINY
+from helpers import REPO, TINY, load_script, own_process_state, run_entry
+
+sys.path.insert(0, str(REPO / "benchmarks"))  # long_tail_study.py imports quality.py by name, as when run
 
 
 @pytest.mark.slow
-def test_quality_benchmark_runs_two_recipes_at_once_and_reuses_them(tmp_path):
-    cmd = [sys.executable, "benchmarks/quality.py", "--recipes", "mocov3", "simsiam_bf", "--seeds", "0",
-           "--holdout", "200", "--jobs", "2", "--out", str(tmp_path), "--set", *TINY, "--set", "monitor.k=20",
-           "--note", "two at once"]
-    first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert first.stdout.count("$ ") == 2  # one pretraining command per recipe
+def test_quality_benchmark_runs_two_recipes_at_once_and_reuses_them(tmp_path, capsys):
+    quality = load_script("benchmarks/quality.py")
+    argv = ["--recipes", "mocov3", "simsiam_bf", "--seeds", "0", "--holdout", "200", "--jobs", "2",
+            "--out", str(tmp_path), "--set", *TINY, "--set", "monitor.k=20", "--note", "two at once"]
+    with own_process_state():
+        quality.main(argv)
+    first = capsys.readouterr().out
+    assert first.count("$ ") == 2  # one pretraining command per recipe
     out = tmp_path / "holdout200"
     table = json.loads((out / "quality.json").read_text())
     assert [row["recipe"] for row in table["rows"]] == ["mocov3", "simsiam_bf"]
@@ -39,21 +45,12 @@ def test_quality_benchmark_runs_two_recipes_at_once_and_reuses_them(tmp_path):
     assert table["note"] == "two at once"
     for row in table["rows"]:  # the printed curve over epochs: one seed, so each epoch's value as logged
         curve = "; ".join(f"epoch {e}: {v:.2f}" for e, v in row["knn_curves"][0])
-        assert f"{row['recipe']:<22} {curve}" in first.stdout
+        assert f"{row['recipe']:<22} {curve}" in first
 
-    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "$ " not in again.stdout  # nothing was trained again
+    with own_process_state():
+        quality.main(argv)
+    assert "$ " not in capsys.readouterr().out  # nothing was trained again
     assert json.loads((out / "quality.json").read_text())["rows"] == table["rows"]
-
-
-def _load_benchmark_module(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("overrides", [[], ["batchformer.scope=per_view"],
@@ -66,7 +63,7 @@ def test_batchformer_flops_closed_form_matches_flop_counter(overrides):
     from batchssl.backbones import build_backbone
     from batchssl.config import load_config
 
-    flops = _load_benchmark_module("flops")
+    flops = load_script("benchmarks/flops.py")
     cfg = load_config(REPO / "recipes" / "fashion_mnist" / "mocov3_bf.yaml", overrides)
     with torch.device("meta"):
         feature_dim = build_backbone(cfg.model, 1, 28)[1]
@@ -79,7 +76,6 @@ def test_batchformer_flops_closed_form_matches_flop_counter(overrides):
 
 
 def test_long_tail_study_scores_the_lt_runs_rare_classes_in_both_runs():
-    sys.path.insert(0, str(REPO / "benchmarks"))
     from long_tail_study import few_classes, scores, summarise
 
     # Fashion-MNIST-LT's counts: "few" are classes 7, 8, 9 (166, 100, 60 images), whatever the balanced run saw
@@ -99,7 +95,6 @@ def test_long_tail_study_scores_the_lt_runs_rare_classes_in_both_runs():
 
 
 def test_bf_effects_welch_p_by_hand():
-    sys.path.insert(0, str(REPO / "benchmarks"))
     from long_tail_study import METRICS
     from quality import bf_effects
 
@@ -128,8 +123,7 @@ def test_bf_effects_welch_p_by_hand():
 
 
 def test_long_tail_study_finished_only_takes_runs_with_both_evaluations(tmp_path):
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from long_tail_study import finished, seed_counts, summarise
+    from long_tail_study import finished, main, seed_counts, summarise
 
     knn = {"top1": 80.0, "per_class": [80.0] * 10}
     linear = {"top1": 85.0, "per_class": [85.0] * 10, "mode": "cached"}
@@ -160,12 +154,12 @@ def test_long_tail_study_finished_only_takes_runs_with_both_evaluations(tmp_path
     out = tmp_path / "study"
     (out / "test").mkdir(parents=True)
     (tmp_path / "done").rename(out / "test" / "mocov3_lt_s1")
-    cmd = [sys.executable, "benchmarks/long_tail_study.py", "--finished-only", "--out", str(out), "--seeds", "1",
-           "--splits", "lt", "--methods"]
-    shown = subprocess.run([*cmd, "mocov3", "mocov3_bf"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    args = ["--finished-only", "--out", str(out), "--seeds", "1", "--splits", "lt", "--methods"]
+    shown = run_entry("benchmarks/long_tail_study.py", *args, "mocov3", "mocov3_bf").stdout  # the script, as run
     assert "not finished (left out): mocov3_bf lt seed 1" in shown
     written = json.loads((out / "test" / "long_tail.json").read_text())
     assert [r["seeds"] for r in written["rows"]] == [[1]] and written["bf_vs_plain"] == []  # one seed: no test
     assert not list((out / "test").glob("mocov3_bf*"))  # started nothing
-    empty = subprocess.run([*cmd, "mocov3_bf"], cwd=REPO, capture_output=True, text=True)
-    assert empty.returncode == 1 and "no finished run" in empty.stderr
+    with pytest.raises(SystemExit) as empty:  # sys.exit(message): exit status 1, the message on stderr
+        main([*args, "mocov3_bf"])
+    assert isinstance(empty.value.code, str) and empty.value.code.startswith("no finished run")

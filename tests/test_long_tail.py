@@ -2,8 +2,6 @@
 
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,13 +9,25 @@ import torch
 from PIL import Image
 
 from batchssl.config import DataConfig, ModelConfig, load_config, to_dict
-from batchssl.data import (eval_datasets, in_memory_pretrain_images, long_tail_counts, long_tail_rows,
-                           pretrain_class_counts, pretrain_dataset)
+from batchssl.data import (
+    eval_datasets,
+    in_memory_pretrain_images,
+    long_tail_counts,
+    long_tail_rows,
+    pretrain_class_counts,
+    pretrain_dataset,
+)
 from batchssl.errors import UserError
-from batchssl.eval.knn import (KnnSettings, SplitFeatures, knn_classify, knn_classify_predictions, knn_evaluate,
-                               knn_evaluate_predictions)
+from batchssl.eval.knn import (
+    KnnSettings,
+    SplitFeatures,
+    knn_classify,
+    knn_classify_predictions,
+    knn_evaluate,
+    knn_evaluate_predictions,
+)
 from batchssl.eval.per_class import frequency_groups, knn_frequency_metrics, per_class_report
-from helpers import REPO
+from helpers import REPO, main_in_process
 
 # int(6000 * 100^(-c / 9)) for c = 0..9, by hand: 100^(-1/9) = 0.599484, so 6000, 3596.9, 2156.3, 1292.6, 774.6,
 # 464.2, 278.3, 166.8, 100.0, 60.0, truncated as Cao et al.'s CIFAR-10-LT code does.
@@ -276,10 +286,11 @@ def test_knn_and_linear_probe_clis_report_the_new_keys(tmp_path):
     export_backbone(backbone, weights)
     common = ["--backbone", str(weights), "--arch", "resnet18", "--dataset", "fashion_mnist", "model.width=0.25",
               "data.limit=600", "data.val_limit=300", "data.num_workers=0", "data.imbalance_ratio=10"]
-    for module, extra in (("knn_eval", ["--k", "20"]), ("linear_probe", ["--epochs", "3"])):
-        result = subprocess.run([sys.executable, "-m", module, *common, *extra], cwd=REPO, capture_output=True,
-                                text=True, timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
+    from knn_eval.__main__ import main as knn_main
+    from linear_probe.__main__ import main as probe_main
+
+    main_in_process(knn_main, [*common, "--k", "20"])
+    main_in_process(probe_main, [*common, "--epochs", "3"])
     counts = pretrain_class_counts(DataConfig(name="fashion_mnist", limit=600, imbalance_ratio=10))
     knn = json.loads((tmp_path / "knn.json").read_text())  # {"entries": {settings: record}, "latest": settings}
     entry = knn["entries"][knn["latest"]]["results"]["20"]
