@@ -428,6 +428,12 @@ def test_local_crops_config_is_checked():
     with pytest.raises(UserError, match="local_size"):
         build_config({"augment": {"local_size": 4}})
     assert build_config(base).augment.local_crops == 0
+    vit = make_cfg("mocov3", local_crops=2)
+    vit.model.arch = "vit_tiny"
+    with pytest.raises(UserError, match="local_size=32"):
+        view_specs(vit, INFO["cifar10"])
+    vit.augment.local_size = 32
+    assert [s.size for s in view_specs(vit, INFO["cifar10"])] == [32] * 4
 
 
 def test_memory_format_follows_the_trainer():

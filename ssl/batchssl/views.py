@@ -73,6 +73,7 @@ import torch.nn.functional as F
 
 from batchssl.config import Config
 from batchssl.data import DatasetInfo, sample_seed
+from batchssl.errors import UserError
 
 RATIO = (3.0 / 4.0, 4.0 / 3.0)  # RandomResizedCrop's default aspect-ratio range
 CROP_ATTEMPTS = 10
@@ -185,6 +186,9 @@ def view_specs(cfg: Config, info: DatasetInfo) -> list[ViewSpec]:
         ]
     local = ViewSpec(size=local_size(cfg, info), scale=tuple(aug.local_scale), blur=0.5 if blur else 0.0,
                      solarize=0.0, **common)
+    if aug.local_crops and local.size != size and cfg.model.arch.startswith("vit"):
+        raise UserError(f"augment.local_crops: the built-in {cfg.model.arch} takes only {size} px inputs, the local "
+                        f"crops are {local.size} px; set augment.local_size={size} or use a ResNet")
     return views + [local] * aug.local_crops
 
 
