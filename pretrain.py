@@ -22,6 +22,9 @@ def main(argv=None) -> None:
         from batchssl.config import DEFAULT_RECIPE, load_config
 
         cfg = load_config(args.config or Path(__file__).resolve().parent / DEFAULT_RECIPE, args.overrides)
+        from batchssl.cpu import tune_process
+
+        tune_process(cfg)  # threads and malloc for this process, once, before anything is built
         if args.plan:
             from batchssl.plan import print_plan
 

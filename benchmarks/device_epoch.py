@@ -16,14 +16,13 @@ import time
 import numpy as np
 import torch
 
-from batchssl.backbones import build_backbone
+from batchssl.build import build_training, resolve_precision
 from batchssl.config import load_config
 from batchssl.data import dataset_info
 from batchssl.distributed import make_accelerator
-from batchssl.methods import build_method
-from batchssl.optim import apply_lr, build_optimizer, peak_lr, warmup_cosine
+from batchssl.optim import apply_lr
 from batchssl.pipeline import DevicePipeline
-from batchssl.train import resolve_precision, train_step, uses_channels_last
+from batchssl.train import train_step
 
 
 def main() -> None:
@@ -42,20 +41,15 @@ def main() -> None:
     labels = rng.integers(0, info.num_classes, args.images)
     pipeline = DevicePipeline(cfg, info, images, labels, accelerator.device)
 
-    torch.manual_seed(0)
-    backbone, feature_dim = build_backbone(cfg.model, info.in_channels, info.image_size)
-    if uses_channels_last(cfg):
-        backbone = backbone.to(memory_format=torch.channels_last)
-    method = build_method(cfg, backbone, feature_dim)
-    optimizer = build_optimizer(method.parameter_groups(cfg.optim), cfg.optim)
-    method, optimizer = accelerator.prepare(method, optimizer)
+    # The trainer's own model, optimiser and schedule (seeded with cfg.seed), on these images.
+    run = build_training(cfg, accelerator, pipeline=pipeline)
+    method, optimizer, schedule = run.method, run.optimizer, run.schedule
     method.train()
     steps = pipeline.steps_per_epoch
-    peak = peak_lr(cfg)
 
     def step(i: int, views) -> torch.Tensor:
-        apply_lr(optimizer, warmup_cosine(i, steps, 0, peak), peak)
-        return train_step(method, optimizer, accelerator, views, i, steps, None)[1]
+        apply_lr(optimizer, schedule.lr(i), schedule.peak)
+        return train_step(method, optimizer, accelerator, views, i, schedule.total_steps, cfg.train.max_grad_norm)[1]
 
     def sync(values: torch.Tensor) -> None:
         values.tolist()

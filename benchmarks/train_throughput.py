@@ -1,14 +1,14 @@
 """Training-step throughput of one recipe in several variants (precision, memory format, BatchFormer, real views),
 side by side in one process, from the library's own parts.
 
-One step is what the trainer does (batchssl.train): the scheduled lr set by `optim.warmup_cosine` + `optim.apply_lr`
-over the method's parameter groups, then `batchssl.train.train_step` (forward of both views through
-`build_method(cfg, build_backbone(...))`, the all-reduced read-back of the logged numbers, backward through the
-Accelerator, `build_optimizer(...)`.step(), zero_grad). images/s counts each image once (two views each).
+One step is what the trainer does (batchssl.train): the model and optimiser made by `batchssl.build.build_model`
+(as every run builds them), the scheduled lr (`build.Schedule`, `optim.apply_lr` over the method's parameter
+groups), then `batchssl.train.train_step` (forward of both views, backward through the Accelerator, optimiser
+step, zero_grad). images/s counts each image once (two views each).
 
 Variants (`--variants`, comma-separated; each a '+'-joined set of tokens, the first variant is the reference):
   fp32   float32, contiguous (NCHW): no tokens; the default reference
-  cl     channels_last model and views          bf16   bf16 autocast around the forward (as Accelerate does)
+  cl     channels_last backbone and views       bf16   bf16 autocast around the forward (as Accelerate does)
   nobf   batchformer.enabled=false              bf     batchformer.enabled=true
   compile        the backbone under torch.compile (train.compile=backbone, the trainer's Module.compile)
   compilemodel   the whole method's forward under torch.compile (train.compile=model)
@@ -43,20 +43,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from batchssl.backbones import build_backbone
+from batchssl.build import Schedule, build_model
 from batchssl.config import Config, load_config
 from batchssl.cpu import tune_malloc
 from batchssl.data import DatasetInfo, dataset_info, load_split
 from batchssl.distributed import make_accelerator
 from batchssl.errors import UserError, exit_on_user_error
-from batchssl.methods import build_method
-from batchssl.optim import apply_lr, build_optimizer, peak_lr, warmup_cosine
+from batchssl.optim import apply_lr
 from batchssl.train import train_step
 
-try:  # the device-side view pipeline (batchssl.views); without it the `real` token is refused
-    from batchssl.views import DeviceViews
-except Exception:  # noqa: BLE001 -- absent or mid-edit: only the `real` token needs it
-    DeviceViews = None
+from batchssl.views import DeviceViews
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RECIPE = ROOT / "recipes" / "fashion_mnist" / "mocov3_bf.yaml"
@@ -86,8 +82,6 @@ def parse_variant(name: str) -> Spec:
         if token not in TOKENS:
             raise UserError(f"--variants: unknown token '{token}' in '{name}' (known: {', '.join(TOKENS)})")
         fields.update(TOKENS[token])
-    if fields.get("real") and DeviceViews is None:
-        raise UserError("variant 'real' needs batchssl.views.DeviceViews, which does not import here")
     return Spec(name, **fields)
 
 
@@ -164,17 +158,12 @@ class Variant:
         device, info = accelerator.device, dataset_info(cfg.data)
         fmt = torch.channels_last if spec.channels_last else torch.contiguous_format
         torch.manual_seed(seed)  # the same initial weights in every variant
-        backbone, feature_dim = build_backbone(cfg.model, info.in_channels, info.image_size)
-        method = build_method(cfg, backbone, feature_dim).to(device).train()
-        if spec.channels_last:
-            method = method.to(memory_format=torch.channels_last)
-        optimizer = build_optimizer(method.parameter_groups(cfg.optim), cfg.optim)
-        model = Autocast(method, device.type) if spec.bf16 else method
-        self.model, self.optimizer = accelerator.prepare(model, optimizer)
-        if spec.compile != "none":  # as the trainer does (compiled on the first steps: keep --warmup >= 2)
-            (method.backbone if spec.compile == "backbone" else self.model).compile()
-        self.peak = peak_lr(cfg)
-        self.warmup_steps = int(round(cfg.optim.warmup_epochs * STEPS_PER_EPOCH))
+        # The trainer's model (channels_last and train.compile from the variant's config, which sets them; compiled
+        # on the first steps: keep --warmup >= 2), in bf16 autocast where the variant asks for it.
+        wrap = (lambda method: Autocast(method, device.type)) if spec.bf16 else None
+        self.model, self.optimizer, _ = build_model(cfg, info, accelerator, wrap=wrap)
+        self.model.train()
+        self.schedule = Schedule(cfg, TOTAL_STEPS, int(round(cfg.optim.warmup_epochs * STEPS_PER_EPOCH)))
         self.make_views = (real_views(cfg, info, images, fmt, seed) if spec.real
                            else synthetic_views(cfg, info, device, fmt, seed))
 
@@ -183,8 +172,7 @@ class Variant:
         sync(self.accelerator.device)
         start = time.perf_counter()
         for _ in range(steps):
-            lr = warmup_cosine(self.step, TOTAL_STEPS, self.warmup_steps, self.peak)
-            apply_lr(self.optimizer, lr, self.peak)
+            apply_lr(self.optimizer, self.schedule.lr(self.step), self.schedule.peak)
             train_step(self.model, self.optimizer, self.accelerator, self.make_views(self.step), self.step,
                        TOTAL_STEPS, self.cfg.train.max_grad_norm)
             self.step += 1
@@ -199,6 +187,7 @@ def sync(device: torch.device) -> None:
 
 def variant_config(args, spec: Spec) -> Config:
     extra = [f"train.batch_size={args.batch}"] if args.batch else []
+    extra += [f"train.channels_last={str(spec.channels_last).lower()}", f"train.compile={spec.compile}"]
     if spec.batchformer is not None:
         extra.append(f"batchformer.enabled={str(spec.batchformer).lower()}")
     return load_config(args.config, list(args.overrides) + extra)

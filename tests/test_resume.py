@@ -1,8 +1,8 @@
-"""Exact resume as users run it: every Fashion-MNIST recipe with its own loader settings, killed mid-epoch (the
-trainer's deterministic test hook) or at random moments (SIGKILL from outside), then rerun with the very same
-command: the per-step losses, the kNN lines and the final backbone equal the uninterrupted run's exactly."""
+"""Exact resume as users run it: every Fashion-MNIST recipe with its own loader settings, killed at an exact moment
+(tests/helpers/kill_at.py: a train() callback that SIGKILLs its own process) or at random moments (SIGKILL from
+outside), then rerun with the very same command: the per-step losses, the kNN lines and the final backbone equal
+the uninterrupted run's exactly."""
 
-import os
 import random
 import shutil
 import signal
@@ -13,7 +13,9 @@ import time
 import pytest
 
 from batchssl.checkpoint import complete_checkpoints
-from helpers import REPO, read_metrics, step_losses
+from helpers import REPO, read_metrics, run_pretrain, step_losses
+
+KILL_AT = REPO / "tests" / "helpers" / "kill_at.py"
 
 # Small but real: the recipe's own pipeline and loader workers, 3 epochs of 4 steps, a checkpoint and a kNN line
 # every epoch.
@@ -21,12 +23,10 @@ SHORT = ["data.limit=256", "data.val_limit=200", "train.epochs=3", "train.batch_
          "monitor.batch_size=256", "monitor.every_n_epochs=1", "checkpoint.every_n_epochs=1", "checkpoint.keep_last=5"]
 
 
-def pretrain(args, env=None, check=True) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "pretrain.py", *args], cwd=REPO, capture_output=True, text=True,
-                            timeout=600, env={**os.environ, **(env or {})})
-    if check and result.returncode != 0:
-        raise AssertionError(f"pretrain.py failed ({result.returncode}):\n{result.stderr[-3000:]}")
-    return result
+def killed_at(when: str, n: int, args) -> subprocess.CompletedProcess:
+    """pretrain.py with the same arguments in a process that SIGKILLs itself at step n / in epoch n's checkpoint."""
+    return subprocess.run([sys.executable, str(KILL_AT), f"--{when}", str(n), *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
 
 
 def without_timings(run) -> list[dict]:
@@ -48,7 +48,7 @@ def straight_run(tmp_path_factory):
         key = tuple(args)
         if key not in made:
             made[key] = tmp_path_factory.mktemp("straight")
-            pretrain([*args, f"output_dir={made[key]}"])
+            run_pretrain([*args, f"output_dir={made[key]}"])
         return made[key]
     return run
 
@@ -67,11 +67,11 @@ def test_killed_mid_epoch_resumes_exactly(recipe, extra, tmp_path, straight_run)
     reference = straight_run(args)
 
     killed = tmp_path / "killed"
-    died = pretrain([*args, f"output_dir={killed}"], env={"BATCHSSL_TEST_KILL_AFTER_STEP": "6"}, check=False)
-    assert died.returncode == -signal.SIGKILL
+    died = killed_at("step", 6, [*args, f"output_dir={killed}"])
+    assert died.returncode == -signal.SIGKILL, died.stderr[-3000:]
     assert [p.name for p in complete_checkpoints(killed)] == ["epoch_0001"]
     assert max(step_losses(killed)) == 6  # it did run into epoch 2 before it died
-    resumed = pretrain([*args, f"output_dir={killed}"])
+    resumed = run_pretrain([*args, f"output_dir={killed}"])
     assert f"resumed from {killed / 'checkpoints' / 'epoch_0001'} (epoch 1)" in resumed.stdout.splitlines()
 
     straight = step_losses(reference)
@@ -89,11 +89,11 @@ def test_killed_while_writing_a_checkpoint_resumes_exactly(tmp_path, straight_ru
     args = ["--config", "recipes/fashion_mnist/mocov3_bf.yaml", *SHORT]
     reference = straight_run(args)
     killed = tmp_path / "killed"
-    died = pretrain([*args, f"output_dir={killed}"], env={"BATCHSSL_TEST_KILL_IN_CHECKPOINT": "2"}, check=False)
-    assert died.returncode == -signal.SIGKILL
+    died = killed_at("checkpoint", 2, [*args, f"output_dir={killed}"])
+    assert died.returncode == -signal.SIGKILL, died.stderr[-3000:]
     assert [p.name for p in complete_checkpoints(killed)] == ["epoch_0001"]  # the half-written one does not count
     assert (killed / "checkpoints" / ".tmp-epoch_0002").is_dir()
-    pretrain([*args, f"output_dir={killed}"])
+    run_pretrain([*args, f"output_dir={killed}"])
     assert step_losses(killed) == step_losses(reference)
     assert knn_lines(killed) == knn_lines(reference)
     assert (killed / "backbone.safetensors").read_bytes() == (reference / "backbone.safetensors").read_bytes()
@@ -105,7 +105,7 @@ def test_ten_random_kills_end_bit_identical(tmp_path):
     after each; the run that finally completes leaves the same bytes as one that was never interrupted."""
     args = ["--config", "recipes/fashion_mnist/simsiam_bf.yaml", *SHORT]
     start = time.perf_counter()
-    pretrain([*args, f"output_dir={tmp_path / 'straight'}"])
+    run_pretrain([*args, f"output_dir={tmp_path / 'straight'}"])
     duration = time.perf_counter() - start
     run = tmp_path / "killed"
     rng = random.Random(0)  # the moments vary with the machine's speed; the assertion holds for any of them
@@ -125,7 +125,7 @@ def test_ten_random_kills_end_bit_identical(tmp_path):
             assert proc.returncode == 0, f"a rerun after a kill failed ({proc.returncode})"
             assert step_losses(run) == step_losses(tmp_path / "straight")
             shutil.rmtree(run)
-    pretrain([*args, f"output_dir={run}"])
+    run_pretrain([*args, f"output_dir={run}"])
     assert kills == 10
     assert step_losses(run) == step_losses(tmp_path / "straight")
     assert knn_lines(run) == knn_lines(tmp_path / "straight")

@@ -4,12 +4,29 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from batchssl.config import Config, to_dict
-from batchssl.trackers import read_scalars, tracker_config
+from batchssl.trackers import tracker_config
 from helpers import REPO, TINY, read_metrics, run_pretrain
+
+
+def read_scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the TensorBoard event files under run_dir (Accelerate writes them to
+    <output_dir>/<project name>/, add_hparams to a subfolder of that): {tag: [(step, value), ...]} sorted by
+    step. Needs the `tensorboard` package."""
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    folders = sorted({p.parent for p in Path(run_dir).rglob("events.out.tfevents.*")})
+    out: dict[str, list[tuple[int, float]]] = {}
+    for folder in folders:
+        events = EventAccumulator(str(folder), size_guidance={SCALARS: 0})  # 0: keep every point
+        events.Reload()
+        for tag in events.Tags()[SCALARS]:
+            out.setdefault(tag, []).extend((e.step, e.value) for e in events.Scalars(tag))
+    return {tag: sorted(points) for tag, points in out.items()}
 
 
 def test_tracker_config_flattens_to_scalars():

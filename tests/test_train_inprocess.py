@@ -14,7 +14,8 @@ from batchssl.backbones import build_backbone
 from batchssl.checkpoint import complete_checkpoints, load_backbone, load_backbone_weights, model_signature, read_state
 from batchssl.config import load_config, load_run_config, to_dict
 from batchssl.optim import peak_lr, warmup_cosine
-from helpers import REPO, read_metrics
+from batchssl.train import Callback
+from helpers import REPO, read_metrics, step_losses
 
 NUM_IMAGES = {"pretrain": 32, "train": 32, "test": 32}
 
@@ -113,8 +114,9 @@ def test_train_in_process_writes_the_run_directory(tmp_path, fake_fashion_mnist,
 
     # The newest checkpoint only (keep_last=1), with the trainer's state.
     assert [p.name for p in complete_checkpoints(run)] == ["epoch_0002"]
-    assert read_state(run / "checkpoints" / "epoch_0002") == {"epoch": 2, "step": 4,
-                                                              "model_signature": model_signature(cfg)}
+    assert read_state(run / "checkpoints" / "epoch_0002") == {
+        "epoch": 2, "step": 4, "model_signature": model_signature(cfg),
+        "collapse_alarm": {"low_steps": 0, "fired": False}}  # a healthy run: its z_std near 1 / sqrt(d)
     assert not list((run / "checkpoints").glob(".tmp*"))
 
     # backbone.safetensors: exactly the backbone's keys (strict load), the weights of the last checkpoint.
@@ -142,3 +144,48 @@ def test_train_in_process_writes_the_run_directory(tmp_path, fake_fashion_mnist,
     scores = knn_evaluate(split_features(frozen.backbone, *frozen.eval_splits(), settings, frozen.accelerator,
                                          frozen.dtype), settings, frozen.info.num_classes)
     assert (scores[20]["top1"], scores[20]["top5"]) == (knn[-1]["knn_top1"], knn[-1]["knn_top5"])
+
+
+class StopAt(Callback):
+    """Stops train() after a global step, as a kill would (the checkpoints written so far stay)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, step: int, logged: dict | None) -> None:
+        if step == self.step:
+            raise Stopped(step)
+
+
+class Stopped(Exception):
+    pass
+
+
+def test_collapse_alarm_count_survives_a_resume(tmp_path, fake_fashion_mnist, own_process_state):
+    """With the threshold at 2 / sqrt(d) every logged z_std of a healthy run counts as low, so the alarm fires at
+    the 4th logged step (patience 4). A run stopped at step 3, after epoch 1's checkpoint (2 low steps counted),
+    must fire at step 4 too once resumed: the count comes back with the checkpoint (it would fire at step 6 if it
+    restarted from zero)."""
+    from batchssl.train import train
+
+    def config(out):
+        return load_config(REPO / "recipes" / "fashion_mnist" / "mocov3_bf.yaml", [
+            *SHRUNK, "train.epochs=3", "monitor.enabled=false", "monitor.collapse_fraction=2",
+            "monitor.collapse_patience=4", "checkpoint.every_n_epochs=1", f"output_dir={out}"])
+
+    def alarms(run):
+        return [m["step"] for m in read_metrics(run) if m.get("collapse_alarm")]
+
+    train(config(tmp_path / "straight"))
+    assert alarms(tmp_path / "straight") == [4]
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.raises(Stopped):
+        train(config(tmp_path / "resumed"), callbacks=[StopAt(3)])
+    assert [p.name for p in complete_checkpoints(tmp_path / "resumed")] == ["epoch_0001"]
+    assert read_state(tmp_path / "resumed" / "checkpoints" / "epoch_0001")["collapse_alarm"] == {
+        "low_steps": 2, "fired": False}
+    AcceleratorState._reset_state(reset_partial_state=True)
+    train(config(tmp_path / "resumed"))
+    assert alarms(tmp_path / "resumed") == [4]
+    assert step_losses(tmp_path / "resumed") == step_losses(tmp_path / "straight")

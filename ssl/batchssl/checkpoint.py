@@ -7,7 +7,6 @@ hold trainer_state.json count, so a half-written checkpoint is never loaded and 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 import os
 import re
 import shutil
@@ -43,6 +42,10 @@ def checkpoint_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
+def epoch_dir(output_dir: str | Path, epoch: int) -> Path:
+    return checkpoint_dir(output_dir) / f"epoch_{epoch:04d}"
+
+
 def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     root = checkpoint_dir(output_dir)
@@ -58,13 +61,10 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(accelerator, output_dir: str | Path, state: dict, keep_last: int,
-                    before_rename: Callable[[], None] | None = None) -> Path:
-    """Collective: every process calls it. Returns the final directory. `before_rename` (tests) runs on the
-    main process when everything but the rename is written."""
-    root = checkpoint_dir(output_dir)
-    final = root / f"epoch_{state['epoch']:04d}"
-    tmp = temp_path(final)
+def stage_checkpoint(accelerator, output_dir: str | Path, state: dict) -> Path:
+    """Collective: every process calls it. Writes the whole checkpoint (Accelerate's files, then `state` as
+    trainer_state.json) into a temporary directory and returns it; `commit_checkpoint` puts it in place."""
+    tmp = temp_path(epoch_dir(output_dir, state["epoch"]))
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -73,15 +73,28 @@ def save_checkpoint(accelerator, output_dir: str | Path, state: dict, keep_last:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_write(tmp / STATE_FILE, json.dumps(state, indent=1))
-        if before_rename is not None:
-            before_rename()
+    return tmp
+
+
+def commit_checkpoint(accelerator, output_dir: str | Path, epoch: int, keep_last: int) -> Path:
+    """Collective: rename epoch `epoch`'s staged checkpoint into place (it becomes the newest) and prune all but
+    the newest `keep_last`. Returns the final directory."""
+    final = epoch_dir(output_dir, epoch)
+    staged = temp_path(final)
+    if accelerator.is_main_process:
         if final.exists():  # an earlier run's checkpoint of the same epoch (e.g. resume=<older checkpoint>)
             shutil.rmtree(final)
-        os.replace(tmp, final)
+        os.replace(staged, final)
         for old in complete_checkpoints(output_dir)[:-keep_last]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def save_checkpoint(accelerator, output_dir: str | Path, state: dict, keep_last: int) -> Path:
+    """Collective: stage and commit in one call. Returns the final directory."""
+    stage_checkpoint(accelerator, output_dir, state)
+    return commit_checkpoint(accelerator, output_dir, state["epoch"], keep_last)
 
 
 def read_state(path: Path) -> dict:

@@ -1,4 +1,9 @@
-"""CPU-only tuning of the training process: threads, malloc, bf16 support."""
+"""CPU-only tuning of the training process: threads, malloc, bf16 support.
+
+`tune_process(cfg)` is the one place that changes process-wide state (thread count, OMP_NUM_THREADS, glibc's
+malloc): entry points (pretrain.py) call it once, before they build anything; importing this module, or calling
+batchssl.train.train() from a program or a test, changes nothing.
+"""
 
 from __future__ import annotations
 
@@ -67,6 +72,37 @@ def use_all_cores(local_processes: int, loader_workers: int = 0) -> int | None:
     torch.set_num_threads(threads)
     os.environ["OMP_NUM_THREADS"] = str(threads)  # for anything the trainer starts (FAISS reads it too)
     return threads
+
+
+def training_on_cpu() -> bool:
+    """Whether the trainer's Accelerator will pick the CPU (no GPU or other accelerator present)."""
+    import torch
+
+    accelerators = [torch.cuda.is_available(), torch.backends.mps.is_available(),
+                    hasattr(torch, "xpu") and torch.xpu.is_available()]
+    return not any(accelerators)
+
+
+def tune_process(cfg) -> list[str]:
+    """Process-wide tuning for a pretraining run on this machine, done once by the entry point; returns what it
+    changed, one description each.
+
+    - Threads: `accelerate launch` without --cpu forces one thread per process on a machine without GPUs; the cores
+      are then divided among this machine's processes, less the loader workers that run beside the step.
+    - On the CPU, glibc keeps freed memory in its heap (`tune_malloc`)."""
+    from batchssl.build import uses_loader_workers
+
+    done = []
+    workers = cfg.data.num_workers if uses_loader_workers(cfg) else 0
+    threads = use_all_cores(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), workers)
+    if threads:
+        done.append(f"{threads} CPU threads (accelerate launch had set 1)")
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"accelerate launch set 1 CPU thread per process; using {threads} "
+                  "(set OMP_NUM_THREADS or --num_cpu_threads_per_process to choose)")
+    if training_on_cpu():
+        done.append(tune_malloc())
+    return done
 
 
 def native_bf16() -> bool:

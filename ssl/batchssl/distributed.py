@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -16,9 +17,16 @@ from torch.distributed.nn.functional import all_reduce as _all_reduce_with_grad
 # abort). They get a process group of their own there; on NCCL the default group is right (torch's SyncBatchNorm
 # does the same).
 _model_group = None
-# torch.distributed.nn.functional warns that it is deprecated; its autograd collectives (a backward that sums the
-# gradients of every process) are exactly what synced statistics and gathered attention need, so keep it, quietly.
-warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\..* is deprecated")
+
+
+@contextmanager
+def _quiet_deprecation():
+    """torch.distributed.nn.functional warns that it is deprecated; its autograd collectives (a backward that sums
+    the gradients of every process) are exactly what synced statistics and gathered attention need, so keep them,
+    quietly: only around our own calls (no process-wide filter)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\..* is deprecated")
+        yield
 
 
 def world_size() -> int:
@@ -58,7 +66,8 @@ def _group():
 
 
 def all_reduce_with_grad(x: torch.Tensor) -> torch.Tensor:
-    return _all_reduce_with_grad(x, group=_group())
+    with _quiet_deprecation():
+        return _all_reduce_with_grad(x, group=_group())
 
 
 @torch.no_grad()
@@ -74,7 +83,10 @@ def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
 def all_gather_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenation over processes in rank order; each process's slice receives the gradients of every
     process's loss (the backward sums them across processes, as DDP's averaging then expects)."""
-    return torch.cat(_all_gather_with_grad(x.contiguous(), group=_group())) if world_size() > 1 else x
+    if world_size() == 1:
+        return x
+    with _quiet_deprecation():
+        return torch.cat(_all_gather_with_grad(x.contiguous(), group=_group()))
 
 
 class CrossProcessBatchNorm(nn.modules.batchnorm._BatchNorm):

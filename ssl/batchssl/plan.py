@@ -22,37 +22,20 @@ def _count(module) -> int:
 
 def plan(cfg: Config, timed_steps: int = 3) -> list[tuple[str, str]]:
     """(label, value) rows of the plan; runs 1 warm-up + `timed_steps` steps of real training on this device."""
-    from batchssl.backbones import build_backbone
-    from batchssl.data import dataset_info
+    from batchssl.build import build_training, check_batch, resolve_precision
     from batchssl.distributed import make_accelerator
-    from batchssl.methods import build_method
-    from batchssl.optim import apply_lr, build_optimizer, peak_lr, scheduled_lr
-    from batchssl.train import (build_pipeline, check_batch, claim_cores, resolve_precision, train_step,
-                                uses_channels_last)
+    from batchssl.optim import apply_lr
+    from batchssl.train import train_step
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     check_batch(cfg.train.batch_size, world)
     precision = resolve_precision(cfg.train.mixed_precision)
     accelerator = make_accelerator(mixed_precision=precision)
-    claim_cores(cfg, accelerator)
-    info = dataset_info(cfg.data)
-    pipeline = build_pipeline(cfg, info, accelerator.device, accelerator.process_index, world)
-    spe = pipeline.steps_per_epoch
-    total = cfg.train.epochs * spe
-    warmup = int(round(cfg.optim.warmup_epochs * spe))
-
-    torch.manual_seed(cfg.seed)
-    backbone, feature_dim = build_backbone(cfg.model, info.in_channels, info.image_size)
-    if uses_channels_last(cfg):
-        backbone = backbone.to(memory_format=torch.channels_last)
-    method = build_method(cfg, backbone, feature_dim)
-    parts = {name: _count(part) for name, part in method.trainable_parts().items()}
-    momentum = _count(method) - sum(parts.values())
-    optimizer = build_optimizer(method.parameter_groups(cfg.optim), cfg.optim)
-    method, optimizer = accelerator.prepare(method, optimizer)
-    if cfg.train.compile != "none":
-        inner = accelerator.unwrap_model(method)
-        (inner.backbone if cfg.train.compile == "backbone" else method).compile()
+    run = build_training(cfg, accelerator)
+    pipeline, method, optimizer, schedule = run.pipeline, run.method, run.optimizer, run.schedule
+    spe, total, warmup = run.steps_per_epoch, schedule.total_steps, schedule.warmup_steps
+    parts = {name: _count(part) for name, part in run.inner.trainable_parts().items()}
+    momentum = _count(run.inner) - sum(parts.values())
 
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if accelerator.device.type == "cuda":
@@ -63,7 +46,7 @@ def plan(cfg: Config, timed_steps: int = 3) -> list[tuple[str, str]]:
     for step in range(1 + min(timed_steps, max(spe - 1, 0))):
         views, _ = next(batches)
         start = time.perf_counter()
-        apply_lr(optimizer, scheduled_lr(cfg, step, total, warmup), peak_lr(cfg))
+        apply_lr(optimizer, schedule.lr(step), schedule.peak)
         _, values = train_step(method, optimizer, accelerator, views, step, total, cfg.train.max_grad_norm)
         values.tolist()  # wait for the device
         if step:  # the first step includes one-off costs (allocations, compilation)
@@ -78,9 +61,9 @@ def plan(cfg: Config, timed_steps: int = 3) -> list[tuple[str, str]]:
         ("device", f"{accelerator.device} x {world} process(es), {torch.get_num_threads()} CPU threads each, "
                    f"precision {precision}, pipeline {type(pipeline).__name__}"),
         ("batch", f"{cfg.train.batch_size} global, {cfg.train.batch_size // world} per process"),
-        ("learning rate", f"peak {peak_lr(cfg):g} (base {cfg.optim.base_lr:g} x {cfg.train.batch_size} / 256), "
+        ("learning rate", f"peak {schedule.peak:g} (base {cfg.optim.base_lr:g} x {cfg.train.batch_size} / 256), "
                           f"{cfg.optim.name}, warmup {warmup} steps then "
-                          f"{_decay(peak_lr(cfg), cfg.optim.final_lr_ratio)}"
+                          f"{_decay(schedule.peak, cfg.optim.final_lr_ratio)}"
                           + (f"; MoCo momentum {_momentum(cfg.method)}" if cfg.method.name == "mocov3" else "")),
         ("steps", f"{spe} per epoch x {cfg.train.epochs} epochs = {total}"),
         ("parameters", ", ".join(f"{k} {v / 1e6:.3f} M" for k, v in parts.items())
