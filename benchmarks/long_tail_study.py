@@ -71,7 +71,9 @@ def stored_knn(directory: Path) -> dict | None:
     path = directory / "knn.json"
     if not path.is_file():
         return None
-    for entry in json.loads(path.read_text())["entries"].values():
+    from batchssl.report import read_results
+
+    for entry in read_results(path)["entries"].values():
         if entry.get("temperature") == KNN_T and str(KNN_K) in entry.get("results", {}):
             return entry["results"][str(KNN_K)]
     return None

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from batchssl.report import median_images_per_s, read_metrics
+from batchssl.report import median_images_per_s, read_metrics, read_results
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = ["simsiam", "simsiam_bf", "mocov3", "mocov3_bf"]
@@ -74,7 +74,7 @@ def cached_probe_record(path: Path) -> dict | None:
     """The last cached probe's record in a run's linear_probe.json (entries keyed by settings), if there."""
     if not path.is_file():
         return None
-    entries = json.loads(path.read_text())["entries"]
+    entries = read_results(path)["entries"]
     cached = [e for e in entries.values() if e.get("mode") == "cached"]
     return cached[-1] if cached else None
 

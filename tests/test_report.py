@@ -1,4 +1,4 @@
-"""batchssl.report: the table (old and new results layouts), curves.png, --compare, the t-SNE embedding."""
+"""batchssl.report: the table (the evaluators' results files), curves.png, --compare, the t-SNE embedding."""
 
 import json
 import math
@@ -10,13 +10,16 @@ import yaml
 from matplotlib.image import imread
 
 from batchssl import report
+from batchssl.errors import UserError
 
 
-def write_run(run, epochs=3, steps_per_epoch=10, proj_dim=128, online=True, bf=True, collapse=False, seed=0):
-    """A synthetic run directory: config.yaml and metrics.jsonl as the trainer writes them."""
+def write_run(run, epochs=3, steps_per_epoch=10, proj_dim=128, online=True, bf=True, collapse=False, seed=0,
+              collapse_fraction=0.1):
+    """A synthetic run directory: config.yaml (the keys the report reads) and metrics.jsonl as the trainer writes
+    them; a collapsed run's z_std is 0.001 of the healthy 1 / sqrt(proj_dim)."""
     run.mkdir(parents=True, exist_ok=True)
-    (run / "config.yaml").write_text(yaml.safe_dump({"seed": seed, "method": {"name": "mocov3",
-                                                                              "proj_dim": proj_dim}}))
+    (run / "config.yaml").write_text(yaml.safe_dump({"seed": seed, "method": {"name": "mocov3", "proj_dim": proj_dim},
+                                                     "monitor": {"collapse_fraction": collapse_fraction}}))
     rng = np.random.default_rng(seed)
     lines = []
     for epoch in range(1, epochs + 1):
@@ -88,15 +91,19 @@ def test_compare_labels_tell_equal_names_apart(tmp_path):
     assert report._run_labels([tmp_path / "x", tmp_path / "y"]) == ["x", "y"]
 
 
+def results_file(path, records: dict, latest: str) -> None:
+    """An evaluator's results file (batchssl.cli.record_result's layout)."""
+    path.write_text(json.dumps({"entries": records, "latest": latest}))
+
+
 def test_table_rows(tmp_path):
     run = write_run(tmp_path / "run")
     report.plot_curves(run)
-    # New results layout for the kNN eval, old one for the probe.
     knn_record = {"dataset": "fashion_mnist", "arch": "resnet18", "temperature": 0.07,
                   "results": {"200": {"top1": 71.5, "top5": 97.25}}}
-    (run / "knn.json").write_text(json.dumps({"entries": {"T0.07": knn_record}, "latest": "T0.07"}))
-    (run / "linear_probe.json").write_text(json.dumps({"cached": {"top1": 80.0, "top5": 99.0, "lr": 0.1,
-                                                                  "seconds": 12.0}}))
+    results_file(run / "knn.json", {"T0.07": knn_record}, "T0.07")
+    results_file(run / "linear_probe.json", {"c": {"mode": "cached", "top1": 80.0, "top5": 99.0, "lr": 0.1,
+                                                   "seconds": 12.0}}, "c")
     table = dict(report.rows(run))
     assert table["training"].startswith("epoch 3, step 30, loss ")
     assert table["kNN monitor (k=200, epoch 3)"] == "top-1 70.00"
@@ -108,15 +115,14 @@ def test_table_rows(tmp_path):
     assert "picture (embedding)" not in table
 
 
-def test_table_new_layout_with_several_entries_and_old_knn(tmp_path):
+def test_table_with_several_entries(tmp_path):
     run = write_run(tmp_path / "run", online=False, collapse=True)
-    (run / "knn.json").write_text(json.dumps({"temperature": 0.1, "results": {"20": {"top1": 60.0, "top5": 90.0}}}))
-    probe = {"entries": {
+    results_file(run / "knn.json", {"T0.1": {"temperature": 0.1, "results": {"20": {"top1": 60.0, "top5": 90.0}}}},
+                 "T0.1")
+    results_file(run / "linear_probe.json", {
         "cached-a": {"mode": "cached", "top1": 81.0, "lr": 0.3, "seconds": 5.0},
-        "augmented-b": {"augmented": {"top1": 83.0, "lr": 1.0, "seconds": 50.0}},  # a RECORD of today's shape
-        "cached-c": {"mode": "cached", "top1": 82.0}},
-        "latest": "cached-a"}
-    (run / "linear_probe.json").write_text(json.dumps(probe))
+        "augmented-b": {"mode": "augmented", "top1": 83.0, "lr": 1.0, "seconds": 50.0},
+        "cached-c": {"mode": "cached", "top1": 82.0}}, "cached-a")
     table = report.rows(run)
     names = [name for name, _ in table]
     assert not any(name.startswith("online linear") for name in names)
@@ -126,6 +132,31 @@ def test_table_new_layout_with_several_entries_and_old_knn(tmp_path):
                       ("linear probe (cached)", "top-1 82.00  [cached-c]"),
                       ("linear probe (cached)", "top-1 81.00 (lr 0.3, 5 s)  [cached-a]")]  # latest last
     assert dict(table)["z-std (last)"].endswith("COLLAPSED?")
+
+
+@pytest.mark.parametrize("fraction, collapsed", [(0.1, False), (0.5, True)])
+def test_collapse_verdict_uses_the_runs_own_fraction(tmp_path, fraction, collapsed):
+    # The last z_std is 0.3 / sqrt(128) (a healthy run's times 0.3): collapsed below a 0.5 threshold, not 0.1.
+    run = write_run(tmp_path / "run", collapse_fraction=fraction)
+    lines = report.read_metrics(run)
+    [m for m in lines if "z_std" in m][-1]["z_std"] = 0.3 / 128 ** 0.5
+    (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    assert dict(report.rows(run))["z-std (last)"].endswith("COLLAPSED?") == collapsed
+
+
+def test_results_file_of_another_layout_is_refused_not_overwritten(tmp_path, capsys):
+    from batchssl.cli import record_result
+
+    run = write_run(tmp_path / "run")
+    old = json.dumps({"temperature": 0.1, "results": {"20": {"top1": 60.0, "top5": 90.0}}})  # no "entries"
+    (run / "knn.json").write_text(old)
+    with pytest.raises(SystemExit) as exit_info:
+        report.main([str(run), "--no-curves"])
+    assert exit_info.value.code == 2
+    assert "knn.json is not an evaluator's results file" in capsys.readouterr().err
+    with pytest.raises(UserError, match="not an evaluator's results file"):
+        record_result(run / "knn.json", "k", {"results": {}})
+    assert (run / "knn.json").read_text() == old
 
 
 def test_command_line(tmp_path, capsys, monkeypatch):

@@ -39,17 +39,11 @@ def result_key(name: str, settings, source: FrozenSource) -> str:
 
 def record_result(path: Path, key: str, record: dict) -> dict:
     """Add `record` under `key` to the results file at `path`, keeping the entries of other settings, so that one
-    call can never erase another's result. Layout: {"entries": {key: record, ...}, "latest": key}."""
-    document = {"entries": {}}
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text())
-        except ValueError:
-            old = {}
-        if isinstance(old, dict) and isinstance(old.get("entries"), dict):
-            document = old
-        elif old:  # a file of the earlier one-result layout: kept as an entry of its own
-            document["entries"]["earlier result"] = old
+    call can never erase another's result. Layout: {"entries": {key: record, ...}, "latest": key}; a file of any
+    other content is refused rather than overwritten."""
+    from batchssl.report import read_results
+
+    document = read_results(path) if path.is_file() else {"entries": {}}
     document["entries"][key] = record
     document["latest"] = key
     atomic_write(path, json.dumps(document, indent=1) + "\n")

@@ -7,7 +7,8 @@
                                                   --out PATH (default compare.png in the current directory)
 
 Everything is read from the run directory: metrics.jsonl (step lines have "loss", monitor lines "knn_top1"),
-config.yaml (method.proj_dim for the z-std reference), knn.json and linear_probe.json of the evaluators.
+config.yaml (method.proj_dim for the z-std reference, monitor.collapse_fraction for the collapse alarm's line),
+knn.json and linear_probe.json of the evaluators ({"entries": {settings: record}, "latest": settings}).
 Pictures are drawn with matplotlib's Agg canvas (no display, no global pyplot state); a metric a run did not log
 leaves its panel out.
 """
@@ -29,8 +30,6 @@ EMBEDDING_FILE = "embedding.png"
 PANEL_INCHES = (5.0, 3.6)  # one panel; a figure is a grid of at most 3 panels a row
 DPI = 100
 EMBEDDING_INCHES = (7.0, 6.0)
-# The collapse alarm's default fraction of the healthy z-std (batchssl.collapse.CollapseAlarm).
-COLLAPSE_FRACTION = 0.1
 
 CLASS_NAMES = {
     "fashion_mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -67,6 +66,12 @@ def proj_dim(run: Path) -> int | None:
     return int(value) if isinstance(value, (int, float)) and value >= 1 else None
 
 
+def collapse_fraction(run: Path) -> float | None:
+    """The run's collapse alarm threshold as a fraction of the healthy z-std (monitor.collapse_fraction)."""
+    value = read_config(run).get("monitor", {}).get("collapse_fraction")
+    return float(value) if isinstance(value, (int, float)) and value > 0 else None
+
+
 def steps_per_epoch(metrics: list[dict]) -> float | None:
     """Every line of epoch e has step <= e * steps_per_epoch, with equality at the epoch's last step (always
     logged) and for the monitor lines: the largest step / epoch is the number of steps in an epoch."""
@@ -88,49 +93,49 @@ def series(metrics: list[dict], key: str) -> tuple[list[float], list[float]]:
     return xs, ys
 
 
-def _entries(record: dict) -> list[tuple[str | None, dict]]:
-    """A results file's records: the keyed layout {"entries": {KEY: RECORD}, "latest": KEY} (latest last; with
-    several, the table names each one's KEY after its value) or the old single record (key None)."""
-    if isinstance(record.get("entries"), dict):
-        items = list(record["entries"].items())
-        latest = record.get("latest")
-        items.sort(key=lambda kv: kv[0] == latest)  # stable: the latest one last, the others in file order
-        return items
-    return [(None, record)]
+def read_results(path: Path) -> dict:
+    """An evaluator's results file: {"entries": {KEY: RECORD}, "latest": KEY} (batchssl.cli.record_result)."""
+    try:
+        document = json.loads(Path(path).read_text())
+    except ValueError:
+        document = None
+    if not (isinstance(document, dict) and isinstance(document.get("entries"), dict)):
+        raise UserError(f"{path} is not an evaluator's results file (no \"entries\"): was it written by another "
+                        "version? Rerun the evaluator after moving it away")
+    return document
+
+
+def _entries(path: Path) -> list[tuple[str, dict]]:
+    """(KEY, RECORD) pairs of a results file, the latest one last and the others in file order."""
+    document = read_results(path)
+    return sorted(document["entries"].items(), key=lambda kv: kv[0] == document.get("latest"))  # sort is stable
 
 
 def _fmt(value, spec: str = ".2f") -> str:
     return format(value, spec) if isinstance(value, (int, float)) else "?"
 
 
-def _knn_rows(record: dict) -> list[tuple[str, str]]:
-    entries = _entries(record)
+def _knn_rows(entries: list[tuple[str, dict]]) -> list[tuple[str, str]]:
     out = []
-    for key, rec in entries:
-        tag = f"  [{key}]" if key is not None and len(entries) > 1 else ""  # which settings, when several
-        for k, v in rec.get("results", {}).items():
-            out.append((f"kNN eval (k={k}, T={rec.get('temperature', '?')})",
+    for key, record in entries:
+        tag = f"  [{key}]" if len(entries) > 1 else ""  # which settings, when several
+        for k, v in record.get("results", {}).items():
+            out.append((f"kNN eval (k={k}, T={record.get('temperature', '?')})",
                         f"top-1 {_fmt(v.get('top1'))}, top-5 {_fmt(v.get('top5'))}{tag}"))
     return out
 
 
-def _probe_rows(record: dict) -> list[tuple[str, str]]:
-    entries = _entries(record)
+def _probe_rows(entries: list[tuple[str, dict]]) -> list[tuple[str, str]]:
     out = []
-    for key, rec in entries:
-        # A new-layout RECORD is one probe's result (it has "top1") or, like the old file, {mode: result}.
-        results = [(rec.get("mode", key), rec)] if "top1" in rec else list(rec.items())
-        for mode, v in results:
-            if not isinstance(v, dict):
-                continue
-            tag = f"  [{key}]" if key is not None and len(entries) > 1 else ""
-            extra = []
-            if isinstance(v.get("lr"), (int, float)):
-                extra.append(f"lr {v['lr']:g}")
-            if isinstance(v.get("seconds"), (int, float)):
-                extra.append(f"{v['seconds']:.0f} s")
-            out.append((f"linear probe ({mode})",
-                        f"top-1 {_fmt(v.get('top1'))}" + (f" ({', '.join(extra)})" if extra else "") + tag))
+    for key, record in entries:  # one probe's result each
+        tag = f"  [{key}]" if len(entries) > 1 else ""
+        extra = []
+        if isinstance(record.get("lr"), (int, float)):
+            extra.append(f"lr {record['lr']:g}")
+        if isinstance(record.get("seconds"), (int, float)):
+            extra.append(f"{record['seconds']:.0f} s")
+        out.append((f"linear probe ({record.get('mode', '?')})",
+                    f"top-1 {_fmt(record.get('top1'))}" + (f" ({', '.join(extra)})" if extra else "") + tag))
     return out
 
 
@@ -155,15 +160,16 @@ def rows(run: Path) -> list[tuple[str, str]]:
         top5 = f", top-5 {m['online_top5']:.2f}" if "online_top5" in m else ""
         out.append((f"online linear (epoch {m['epoch']})", f"top-1 {m['online_top1']:.2f}{top5}"))
     z = [m["z_std"] for m in metrics if isinstance(m.get("z_std"), (int, float))]
-    d = proj_dim(run)
+    d, fraction = proj_dim(run), collapse_fraction(run)
     if z and d:
         healthy = 1 / math.sqrt(d)
-        verdict = "  COLLAPSED?" if z[-1] < COLLAPSE_FRACTION * healthy else ""
+        # below the collapse alarm's threshold (whether or not it has fired: that also takes its patience)
+        verdict = "  COLLAPSED?" if fraction and z[-1] < fraction * healthy else ""
         out.append(("z-std (last)", f"{z[-1]:.4f} (healthy ~ 1/sqrt({d}) = {healthy:.4f}){verdict}"))
     if (run / "knn.json").is_file():
-        out.extend(_knn_rows(json.loads((run / "knn.json").read_text())))
+        out.extend(_knn_rows(_entries(run / "knn.json")))
     if (run / "linear_probe.json").is_file():
-        out.extend(_probe_rows(json.loads((run / "linear_probe.json").read_text())))
+        out.extend(_probe_rows(_entries(run / "linear_probe.json")))
     for name in (CURVES_FILE, EMBEDDING_FILE):
         if (run / name).is_file():
             out.append((f"picture ({Path(name).stem})", str(run / name)))
@@ -255,15 +261,16 @@ def plot_curves(run: Path, out: Path | None = None) -> Path | None:
             ax.legend(fontsize=8)
         panels.append(("validation top-1", "top-1 (%)", draw_accuracy))
     if "z_std" in has:
-        d = proj_dim(run)
+        d, fraction = proj_dim(run), collapse_fraction(run)
 
         def draw_z(ax):
             _line(ax, *series(metrics, "z_std"), label="z-std")
             if d:
                 ax.axhline(1 / math.sqrt(d), color="green", linestyle="--", linewidth=1,
                            label=f"healthy 1/sqrt({d})")
-                ax.axhline(COLLAPSE_FRACTION / math.sqrt(d), color="red", linestyle=":", linewidth=1,
-                           label=f"collapse alarm {COLLAPSE_FRACTION:g}/sqrt({d})")
+            if d and fraction:
+                ax.axhline(fraction / math.sqrt(d), color="red", linestyle=":", linewidth=1,
+                           label=f"collapse alarm {fraction:g}/sqrt({d})")
             ax.set_ylim(bottom=0)
             ax.legend(fontsize=8)
         panels.append(("std of l2-normalised z", "z-std", draw_z))
