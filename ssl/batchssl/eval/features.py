@@ -25,7 +25,7 @@ def extract_features(
     dataset,
     batch_size: int = 256,
     num_workers: int = 0,
-    accelerator: "accelerate.Accelerator | None" = None,
+    accelerator: accelerate.Accelerator | None = None,
     dtype: torch.dtype | None = None,
     progress: bool = False,
     desc: str = "features",
@@ -67,7 +67,7 @@ def extract_features(
     return feats[:n], labels[:n]
 
 
-def _gather_shards(local: Tensor, accelerator: "accelerate.Accelerator") -> Tensor:
+def _gather_shards(local: Tensor, accelerator: accelerate.Accelerator) -> Tensor:
     """(S, ...) on each process -> (P * S, ...) on every process, rank r's rows at [r * S, (r + 1) * S)."""
     world, shard = accelerator.num_processes, len(local)
     out = local.new_empty((world, shard, *local.shape[1:]))

@@ -45,7 +45,7 @@ class Frozen:
     cfg: Config
     info: DatasetInfo
     out_dir: Path  # where the evaluator writes its JSON
-    accelerator: "accelerate.Accelerator"  # one or several processes; the backbone is on its device
+    accelerator: accelerate.Accelerator  # one or several processes; the backbone is on its device
     dtype: torch.dtype | None  # feature-extraction autocast
 
     def eval_splits(self) -> tuple[Transformed, Transformed]:

@@ -42,7 +42,6 @@ from batchssl.errors import UserError
 from batchssl.eval.features import extract_features
 
 
-
 @dataclass(frozen=True)
 class KnnSettings:
     ks: tuple[int, ...] = (20, 200)

@@ -73,7 +73,7 @@ def train_augmented_probe(
     num_classes: int,
     feature_dim: int,
     settings: AugmentedProbeSettings = AugmentedProbeSettings(),
-    accelerator: "accelerate.Accelerator | None" = None,
+    accelerator: accelerate.Accelerator | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     dtype: torch.dtype | None = None,
     num_workers: int = 0,
@@ -196,7 +196,7 @@ def train_augmented_probe(
 
 
 def feature_stats(backbone: nn.Module, dataset, feature_dim: int, seed: int, batch_size: int, num_workers: int = 0,
-                  accelerator: "accelerate.Accelerator | None" = None, dtype: torch.dtype | None = None,
+                  accelerator: accelerate.Accelerator | None = None, dtype: torch.dtype | None = None,
                   max_images: int = STATS_IMAGES) -> tuple[Tensor, Tensor]:
     """(mean, 1 / sqrt(var + 1e-6)) per feature dimension over a seeded subset of `dataset`, on CPU.
 
