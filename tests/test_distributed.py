@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import REPO, TINY, run_entry, run_pretrain, step_losses
+from helpers import REPO, TINY, pretrain_in_process, run_entry, run_pretrain, step_losses
 from helpers import grads_2proc as grads
 
 CASES = {
@@ -23,8 +23,8 @@ CASES = {
 
 
 def losses_of_one_and_two_processes(overrides: list[str], tmp_path) -> tuple[dict, dict]:
-    """Step losses of the same 3-step run on one process and on two (torchrun, gloo)."""
-    run_pretrain([*overrides, f"output_dir={tmp_path / 'one'}"], nproc=1)
+    """Step losses of the same 3-step run on one process (this one) and on two (torchrun, gloo)."""
+    pretrain_in_process([*overrides, f"output_dir={tmp_path / 'one'}"])
     run_pretrain([*overrides, f"output_dir={tmp_path / 'two'}"], nproc=2)
     one, two = step_losses(tmp_path / "one"), step_losses(tmp_path / "two")
     assert sorted(one) == sorted(two) == [1, 2, 3]
