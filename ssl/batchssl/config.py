@@ -77,28 +77,81 @@ class AugmentConfig:
             raise UserError(f"augment.local_scale must be [min, max] with 0 < min <= max <= 1, got {[lo, hi]}")
 
 
+BUILTIN_ARCHS = ("resnet18", "resnet50", "vit_tiny", "vit_small", "vit_base")
+
+
 @dataclass
 class ModelConfig:
-    arch: Literal["resnet18", "resnet50", "vit_tiny", "vit_small", "vit_base"] = "resnet18"
+    # One of BUILTIN_ARCHS, or `timm:<model name>` (any timm model, built with pretrained=False, num_classes=0;
+    # needs the optional extra: pip install 'batchssl[timm]').
+    arch: str = "resnet18"
     width: float = 1.0  # channel multiplier for ResNets (0.25 -> 16 stem channels)
     stem: Literal["auto", "cifar", "imagenet"] = "auto"  # auto: cifar for images < 64 px
     patch_size: Optional[int] = None  # ViT: None -> 4 for small images, 16 otherwise
     freeze_patch_embed: bool = False  # MoCo v3's random-patch-projection trick for ViT stability
 
+    def __post_init__(self):
+        if self.arch.startswith("timm:"):
+            _check_timm_model(self.arch.removeprefix("timm:"))
+        elif self.arch not in BUILTIN_ARCHS:
+            raise UserError(f"config key 'model.arch' expects {' | '.join(map(repr, BUILTIN_ARCHS))} or "
+                            f"'timm:<model name>', got {self.arch!r}")
+
+
+def _check_timm_model(name: str) -> None:
+    """Refuse an uninstalled timm or an unknown model name while the config is read, before anything runs."""
+    try:
+        import timm
+    except ImportError:
+        raise UserError(f"model.arch=timm:{name} needs timm: pip install 'batchssl[timm]'") from None
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f" (did you mean {', '.join('timm:' + c for c in close)}?)" if close else ""
+        raise UserError(f"model.arch=timm:{name}: timm has no model of that name{hint}")
+
 
 @dataclass
 class MethodConfig:
-    name: Literal["simsiam", "mocov3"] = "simsiam"
+    name: Literal["simsiam", "mocov3", "byol", "simclr", "barlowtwins", "vicreg", "dino"] = "simsiam"
     proj_hidden_dim: int = 2048
-    proj_dim: int = 2048
+    proj_dim: int = 2048  # the projector's output (DINO: the head's K output dimensions, the prototypes)
     proj_layers: int = 3
     pred_hidden_dim: int = 512
     pred_last_bn: bool = False  # MoCo v3: BN (no affine) on the predictor output for ViT, none for ResNet
-    temperature: float = 1.0  # MoCo v3 tau
-    momentum: float = 0.99  # MoCo v3 m0, the momentum encoder's EMA factor at the first step
-    # ... rising by a half cosine to this at the last step (1: MoCo v3's and BYOL's schedule; equal to
+    temperature: float = 1.0  # MoCo v3 tau; SimCLR's NT-Xent tau; DINO's student temperature
+    # The momentum encoder's (MoCo v3, BYOL) or teacher's (DINO) EMA factor at the first step ...
+    momentum: float = 0.99
+    # ... rising by a half cosine to this at the last step (1: MoCo v3's, BYOL's and DINO's schedule; equal to
     # method.momentum: a constant momentum, as MoCo v1/v2)
     momentum_final: float = 1.0
+    # Barlow Twins: weight of the off-diagonal (redundancy) term of the cross-correlation loss (the paper's lambda)
+    barlow_lambda: float = 0.0051
+    # VICReg: weights of the invariance, variance and covariance terms (the paper's lambda, mu, nu)
+    vicreg_weights: tuple[float, float, float] = (25.0, 25.0, 1.0)
+    # DINO: the head is MLP (proj_layers, proj_hidden_dim) -> bottleneck -> l2-norm -> weight-normed K = proj_dim
+    dino_bottleneck_dim: int = 256
+    dino_norm_last_layer: bool = True  # the last layer's weight-norm gain fixed at 1 (the paper's default)
+    dino_head_bn: bool = False  # batch norm in the head's MLP (DINO's use_bn_in_head; off in the paper)
+    dino_freeze_last_layer_epochs: int = 0  # the last layer gets no updates for this many epochs (DINO: 1)
+    teacher_temp: float = 0.04  # DINO's teacher temperature after the warmup ...
+    teacher_temp_start: float = 0.04  # ... rising linearly from this ...
+    teacher_temp_warmup_epochs: float = 0.0  # ... over this many epochs (per step, not per epoch as DINO)
+    center_momentum: float = 0.9  # DINO: EMA of the teacher's centre (the global batch mean of its outputs)
+
+    def __post_init__(self):
+        temps = (self.teacher_temp, self.teacher_temp_start)
+        checks = [
+            (self.barlow_lambda >= 0, "method.barlow_lambda must be >= 0"),
+            (all(w >= 0 for w in self.vicreg_weights), "method.vicreg_weights must each be >= 0"),
+            (self.dino_bottleneck_dim >= 1, "method.dino_bottleneck_dim must be >= 1"),
+            (self.dino_freeze_last_layer_epochs >= 0, "method.dino_freeze_last_layer_epochs must be >= 0"),
+            (all(t > 0 for t in temps), "method.teacher_temp and teacher_temp_start must be > 0"),
+            (self.teacher_temp_warmup_epochs >= 0, "method.teacher_temp_warmup_epochs must be >= 0"),
+            (0 <= self.center_momentum < 1, "method.center_momentum must be in [0, 1)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
 
 
 @dataclass
