@@ -227,3 +227,18 @@ def test_gathered_losses_and_methods_on_two_processes_equal_one(tmp_path):
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("ok ") == 3 * 2 + 5, result.stdout
+
+
+def test_methods_study_is_quality_py_over_every_method_beside_its_twin():
+    """benchmarks/methods_study.py hands quality.py (tested end to end in test_benchmarks.py) the 14 recipes."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("methods_study", REPO / "benchmarks" / "methods_study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    argv = study.quality_argv(["--seeds", "0", "--holdout", "200"])
+    recipes = argv[1:argv.index("--out")]
+    assert recipes == [f"{m}{bf}" for m in ["simsiam", "mocov3", *NEW] for bf in ("", "_bf")]
+    assert all((REPO / "recipes" / "fashion_mnist" / f"{r}.yaml").is_file() for r in recipes)
+    assert argv[argv.index("--out") + 1].endswith("methods_study") and argv[-4:] == ["--seeds", "0", "--holdout", "200"]
+    assert study.quality_argv(["--methods", "dino", "--out", "x"]) == ["--recipes", "dino", "dino_bf", "--out", "x"]

@@ -43,6 +43,8 @@ def test_the_recipe_set_is_complete():
     expected |= {f"{ds}/mocov3{bf}_lt" for ds in ("cifar10", "cifar100") for bf in ("", "_bf")}
     expected |= {f"fashion_mnist/{m}{bf}_lt{tail}" for m in ("simsiam", "mocov3") for bf in ("", "_bf")
                  for tail in ("", "_balanced")}
+    expected |= {f"{ds}/{m}{bf}" for ds in ("fashion_mnist", "cifar10", "cifar100", "imagenet")
+                 for m in ("byol", "simclr", "barlowtwins", "vicreg", "dino") for bf in ("", "_bf")}
     assert expected <= names, f"missing recipes: {sorted(expected - names)}"
 
 
@@ -58,8 +60,11 @@ def test_batchformer_recipe_equals_its_twin_but_for_batchformer(path):
     assert twin(path).is_file(), f"{rid(path)} has no twin {twin(path).name}"
     bf, base = to_dict(load_config(path)), to_dict(load_config(twin(path)))
     assert bf["batchformer"]["enabled"] and not base["batchformer"]["enabled"]
+    # Methods with no head after the projector (SimCLR, Barlow Twins, VICReg) take BatchFormer on the backbone, so
+    # that the projector is the head both streams share (docs/methods.md).
+    position = "backbone" if bf["method"]["name"] in ("simclr", "barlowtwins", "vicreg") else "projector"
     assert (bf["batchformer"]["scope"], bf["batchformer"]["position"], bf["batchformer"]["weight"]) == \
-        ("joint", "projector", 1.0)
+        ("joint", position, 1.0)
     for d in (bf, base):
         d.pop("batchformer"), d.pop("output_dir")
     diff = {k: (v, dotted_items(base).get(k)) for k, v in dotted_items(bf).items() if dotted_items(base).get(k) != v}
@@ -97,6 +102,14 @@ SCHEDULES = {
     "imagenet/mocov3_r50": ("lars", 0.6, 4096, 9.6, 100, 10),
     "imagenet/mocov3_vit_small": ("adamw", 1.5e-4, 4096, 2.4e-3, 300, 40),
 }
+SCHEDULES.update({  # the five methods of issue 25: CIFAR as cifar10/mocov3 (lightly's SGD), ImageNet the papers'
+    **{f"cifar10/{m}": ("sgd", 0.12, 512, 0.24, 800, 10) for m in ("byol", "simclr", "barlowtwins", "vicreg", "dino")},
+    "imagenet/byol": ("lars", 0.2, 4096, 3.2, 1000, 10),
+    "imagenet/simclr": ("lars", 0.3, 4096, 4.8, 1000, 10),
+    "imagenet/barlowtwins": ("lars", 0.2, 2048, 1.6, 1000, 10),
+    "imagenet/vicreg": ("lars", 0.2, 2048, 1.6, 1000, 10),
+    "imagenet/dino": ("sgd", 0.03, 512, 0.06, 100, 10),
+})
 SCHEDULES.update({k.replace("cifar10/", "cifar100/"): v for k, v in SCHEDULES.items() if k.startswith("cifar10/")})
 
 

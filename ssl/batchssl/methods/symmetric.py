@@ -1,7 +1,8 @@
 """What SimCLR, Barlow Twins and VICReg share: no predictor and no target branch, one loss over pairs of views.
 
-BatchFormer: the BatchFormer outputs form a second stream through the shared projector and the same loss, over
-that stream's own batch (`two_stream_loss` with no targets); see docs/methods.md for why.
+BatchFormer: the BatchFormer outputs form a second stream with the same loss over that stream's own batch
+(`two_stream_loss` with no targets). Their `_bf` recipes put BatchFormer on the backbone features, so that the
+projector is the head both streams share (nothing follows the projector here); docs/methods.md says why.
 """
 
 from __future__ import annotations
