@@ -14,16 +14,15 @@ from batchssl.backbones import build_backbone
 from batchssl.checkpoint import export_backbone
 from batchssl.config import ModelConfig, load_run_config
 from batchssl.data import eval_datasets
-from helpers import TINY, main_in_process, pretrain_in_process, read_metrics, run_entry
+from helpers import main_in_process, read_metrics, run_entry
 from knn_eval.__main__ import main as knn_main
 from linear_probe.__main__ import main as probe_main
 
 
 @pytest.fixture(scope="module")
-def short_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("run")
-    pretrain_in_process([*TINY, "monitor.k=200", "monitor.temperature=0.07", f"output_dir={run}"])
-    return run
+def short_run(tiny_run):
+    """The default recipe on TINY (conftest's session run): its monitor scores k = 200, T = 0.07."""
+    return tiny_run.path
 
 
 def _class_counts(run) -> np.ndarray:

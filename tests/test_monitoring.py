@@ -7,7 +7,6 @@ import os
 import pytest
 import torch
 
-from batchssl.online_linear import OnlineLinear
 from helpers import TINY, load_script, main_in_process, pretrain_in_process, read_metrics, run_entry, step_losses
 
 PLAN = ["pretrain.py", "--plan", *TINY]
@@ -45,34 +44,21 @@ def test_plan_prints_the_derived_numbers(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_online_linear_probe_leaves_pretraining_unchanged(tmp_path, monkeypatch):
-    # Every probe the runs train, and its weights before its first step (it keeps no copy of them).
-    probes, initial = [], []
-    train_step = OnlineLinear.train_step
-
-    def recording(probe, *args, **kwargs):
-        if not any(p is probe for p in probes):
-            probes.append(probe)
-            initial.append(probe.linear.weight.detach().clone())
-        return train_step(probe, *args, **kwargs)
-
-    monkeypatch.setattr(OnlineLinear, "train_step", recording)
-    for name, flag in (("on", "true"), ("off", "false")):
-        pretrain_in_process(["--config", "recipes/fashion_mnist/mocov3_bf.yaml", *TINY,
-                             f"monitor.online_linear={flag}", f"output_dir={tmp_path / name}"])
+def test_online_linear_probe_leaves_pretraining_unchanged(tiny_run, tmp_path):
+    # tiny_run: the default recipe, its online probe on; the same run with the probe off beside it.
+    on, off = tiny_run.path, tmp_path / "off"
+    pretrain_in_process([*TINY, "monitor.online_linear=false", f"output_dir={off}"])
     # What the test exists for: the probe changes nothing of pretraining, bit for bit.
-    assert step_losses(tmp_path / "on") == step_losses(tmp_path / "off")
-    assert (tmp_path / "on" / "backbone.safetensors").read_bytes() == \
-        (tmp_path / "off" / "backbone.safetensors").read_bytes()
-    monitor_on = [m for m in read_metrics(tmp_path / "on") if "knn_top1" in m][-1]
-    monitor_off = [m for m in read_metrics(tmp_path / "off") if "knn_top1" in m][-1]
+    assert step_losses(on) == step_losses(off)
+    assert (on / "backbone.safetensors").read_bytes() == (off / "backbone.safetensors").read_bytes()
+    monitor_on = [m for m in read_metrics(on) if "knn_top1" in m][-1]
+    monitor_off = [m for m in read_metrics(off) if "knn_top1" in m][-1]
     assert monitor_on["knn_top1"] == monitor_off["knn_top1"]
-    # The probe of the "on" run only, trained at each of the 4 steps, and scored; its accuracy after 4 steps is
-    # whatever the machine's kernels make of them (no threshold), but a number, and top-5 contains top-1.
-    assert len(probes) == 1
-    (probe,), (before,) = probes, initial
+    # The probe was trained at each of the 4 steps and scored; its accuracy after 4 steps is whatever the
+    # machine's kernels make of them (no threshold), but a number, and top-5 contains top-1.
+    probe = tiny_run.online_probe
     assert probe.norm.num_batches_tracked.item() == 4
-    assert torch.isfinite(probe.linear.weight).all() and not torch.equal(probe.linear.weight, before)
+    assert torch.isfinite(probe.linear.weight).all() and not torch.equal(probe.linear.weight, tiny_run.probe_start)
     assert 0.0 <= monitor_on["online_top1"] <= monitor_on["online_top5"] <= 100.0
     assert math.isfinite(monitor_on["online_top1"]) and "online_top1" not in monitor_off
 
