@@ -24,6 +24,7 @@ Efficiency = compute / (max(compute, gradient all-reduce) + critical-path commun
 fully overlapped with backward (DDP buckets) and everything else not.
 
     python benchmarks/comm_on_paper.py            # writes benchmarks/results/comm_on_paper.{json,md}
+    python benchmarks/comm_on_paper.py --render benchmarks/results/comm_on_paper.json   # the markdown again
 """
 
 from __future__ import annotations
@@ -155,7 +156,12 @@ def main(argv=None) -> None:
                         help="output path without suffix (.json and .md are written)")
     parser.add_argument("--hop-us", type=float, default=5.0,
                         help="latency of one network hop of a collective, microseconds (InfiniBand: a few)")
+    parser.add_argument("--render", metavar="JSON", help="only rewrite the markdown of an earlier run's JSON")
     args = parser.parse_args(argv)
+    if args.render:
+        saved = json.loads(Path(args.render).read_text())
+        Path(args.render).with_suffix(".md").write_text(markdown(saved["rows"], saved["h200_round1"], saved["hop_us"]))
+        return
     from flops import step_flops
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -213,7 +219,35 @@ def markdown(rows: list[dict], h200: dict, hop_us: float) -> str:
                      f"{mb(b['keys'])} | {mb(b['bf_gather'])} | {mb(b['sync_bn'])} | {ms(s['grad'])} | "
                      f"{ms(s['keys'])} | {ms(s['bf_gather'])} | {ms(s['sync_bn'])} | {ms(r['compute_s'])} | "
                      f"{r['efficiency']:.2f} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + findings(rows)) + "\n"
+
+
+def findings(rows: list[dict]) -> list[str]:
+    """Where communication limits scaling, read off the rows: the largest exposed cost of each row, and the worst
+    share of compute each critical-path collective takes."""
+    rows = [r for r in rows if not r.get("refused")]
+    names = {"keys": "MoCo keys", "bf_gather": "BatchFormer gather", "sync_bn": "synced BN", "grad": "gradients"}
+
+    def exposed(r):  # the gradients count only beyond the compute they overlap with
+        s = r["seconds"]
+        return {"grad": max(0.0, s["grad"] - r["compute_s"]), "keys": s["keys"], "bf_gather": s["bf_gather"],
+                "sync_bn": s["sync_bn"]}
+
+    out = ["", "Where communication limits scaling (from the rows above):", ""]
+    for gpus in GPUS:
+        at = [r for r in rows if r["gpus"] == gpus]
+        tops = [max(exposed(r).items(), key=lambda kv: kv[1])[0] for r in at]
+        counts = ", ".join(f"{names[k]} in {tops.count(k)}" for k in names if tops.count(k))
+        effs = [r["efficiency"] for r in at]
+        out.append(f"- {gpus} GPUs: largest exposed cost {counts} of {len(at)} rows; efficiency "
+                   f"{min(effs):.2f} to {max(effs):.2f}.")
+    for key in ("bf_gather", "keys", "sync_bn"):
+        worst = max(rows, key=lambda r: r["seconds"][key] / r["compute_s"])
+        share = worst["seconds"][key] / worst["compute_s"]
+        out.append(f"- {names[key]}: at most {share:.2f}x a step's compute ({worst['case']}, {worst['gpus']} GPUs, "
+                   f"{worst['link_gbps']} Gb/s: {worst['seconds'][key] * 1e3:.1f} ms against "
+                   f"{worst['compute_s'] * 1e3:.1f} ms).")
+    return out
 
 
 if __name__ == "__main__":
