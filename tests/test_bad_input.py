@@ -5,6 +5,7 @@ torch not yet imported, and a lock held by another, killed process."""
 
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -19,6 +20,7 @@ from knn_eval.__main__ import main as knn_main
 from linear_probe.__main__ import main as probe_main
 
 TINY_RUN = [*TINY, "monitor.enabled=false"]
+TRAINED = ["train.epochs=2", "checkpoint.every_n_epochs=1"]  # the `trained` run: a checkpoint after each epoch
 MAINS = {"pretrain.py": lambda argv: load_script("pretrain.py").main(argv), "knn_eval": knn_main,
          "linear_probe": probe_main}
 
@@ -40,7 +42,7 @@ def refused(prog: str, argv) -> str:
 def trained(tmp_path_factory):
     """A finished tiny run with its knn.json and linear_probe.json results."""
     out = tmp_path_factory.mktemp("trained")
-    pretrain_in_process([*TINY_RUN, "train.epochs=2", "checkpoint.every_n_epochs=1", f"output_dir={out}"])
+    pretrain_in_process([*TINY_RUN, *TRAINED, f"output_dir={out}"])
     main_in_process(knn_main, ["--run", out, "--k", "20"])
     main_in_process(probe_main, ["--run", out, "--epochs", "2"])
     return out
@@ -140,24 +142,28 @@ def test_resume_with_changed_settings_is_refused_unless_allowed(trained):
     assert len(history) == 1 and json.loads(history[0])["resumed_from"] is None
 
 
-@pytest.mark.slow
-def test_allowed_change_keeps_the_history(tmp_path):
+def copy_of(run, tmp_path):
     out = tmp_path / "run"
-    pretrain_in_process([*TINY_RUN, "checkpoint.every_n_epochs=1", f"output_dir={out}"])
-    pretrain_in_process([*TINY_RUN, "train.epochs=2", "checkpoint.allow_changes=true", f"output_dir={out}"])
+    shutil.copytree(run, out)
+    return out
+
+
+@pytest.mark.slow
+def test_allowed_change_keeps_the_history(trained, tmp_path):
+    out = copy_of(trained, tmp_path)
+    pretrain_in_process([*TINY_RUN, "train.epochs=3", "checkpoint.allow_changes=true", f"output_dir={out}"])
     history = [json.loads(line) for line in (out / "config_history.jsonl").read_text().splitlines()]
-    assert [h["config"]["train"]["epochs"] for h in history] == [1, 2]
-    assert history[1]["resumed_from"].endswith("epoch_0001")
-    assert "epochs: 2" in (out / "config.yaml").read_text()
+    assert [h["config"]["train"]["epochs"] for h in history] == [2, 3]
+    assert history[1]["resumed_from"].endswith("epoch_0002")
+    assert "epochs: 3" in (out / "config.yaml").read_text()
     mode = stat.S_IMODE((out / "backbone.safetensors").stat().st_mode)
     assert mode == stat.S_IMODE((out / "config.yaml").stat().st_mode) == 0o644
 
 
 @pytest.mark.slow
-def test_corrupt_newest_checkpoint_names_the_way_out(tmp_path):
-    out = tmp_path / "run"
-    args = [*TINY_RUN, "train.epochs=2", "checkpoint.every_n_epochs=1", f"output_dir={out}"]
-    pretrain_in_process(args)
+def test_corrupt_newest_checkpoint_names_the_way_out(trained, tmp_path):
+    out = copy_of(trained, tmp_path)
+    args = [*TINY_RUN, *TRAINED, f"output_dir={out}"]  # the command that made it
     older, newest = complete_checkpoints(out)
     (newest / "model.safetensors").write_bytes(b"garbage")
     line = refused("pretrain.py", args)  # the same command, as a user reruns it
