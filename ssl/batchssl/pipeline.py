@@ -3,8 +3,8 @@
 - `DevicePipeline` (data.pipeline: device, the default for in-memory datasets): the pretraining split lives once
   as a uint8 tensor on the training device, and every step makes the views there with batched operations
   (batchssl.views.DeviceViews). No loader workers, no per-image Python.
-- `WorkerPipeline` (data.pipeline: workers; ImageFolder, or for comparison): lightly's per-sample transforms in
-  DataLoader workers, as `augment.view_transforms` builds them.
+- `WorkerPipeline` (data.pipeline: workers; ImageFolder, or for comparison): per-sample torchvision / lightly
+  transforms in DataLoader workers, built by `augment.view_transforms` from the same view specs.
 
 Both deal the same images to the same steps: epoch e's order is a permutation seeded by (seed, e), cut to whole
 global batches; global batch b is order[b*B:(b+1)*B], and process r of W takes its positions r, r+W, ... So a
