@@ -51,7 +51,6 @@ from batchssl.distributed import make_accelerator
 from batchssl.errors import UserError, exit_on_user_error
 from batchssl.optim import apply_lr
 from batchssl.train import train_step
-
 from batchssl.views import DeviceViews
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -53,9 +53,9 @@ def test_tensorboard_accepts_it(tmp_path):
 
     with SummaryWriter(str(tmp_path)) as writer:
         writer.add_hparams(tracker_config(to_dict(Config())), metric_dict={})
-    with pytest.raises(ValueError):  # what train.log_with=tensorboard died of: a list (optim.betas)
-        with SummaryWriter(str(tmp_path / "raw")) as writer:
-            writer.add_hparams({"optim.betas": [0.9, 0.95]}, metric_dict={})
+    # What train.log_with=tensorboard died of: a list (optim.betas).
+    with pytest.raises(ValueError), SummaryWriter(str(tmp_path / "raw")) as writer:
+        writer.add_hparams({"optim.betas": [0.9, 0.95]}, metric_dict={})
 
 
 def test_read_scalars(tmp_path):

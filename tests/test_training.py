@@ -26,7 +26,10 @@ def test_fashion_mnist_recipe_runs(recipe, tmp_path):
         assert ("loss_bf" in m) == recipe.endswith("_bf")
         assert ("momentum" in m) == recipe.startswith("mocov3")
     knn = [m for m in metrics if "knn_top1" in m]
-    assert len(knn) == 1 and 10.0 < knn[0]["knn_top1"] <= 100.0 and knn[0]["knn_seconds"] > 0
+    # One kNN line over the 200 validation images (scores in steps of 0.5%); no accuracy bar after 4 steps.
+    assert len(knn) == 1 and knn[0]["knn_seconds"] > 0
+    assert 0.0 <= knn[0]["knn_top1"] <= knn[0]["knn_top5"] <= 100.0
+    assert (knn[0]["knn_top1"] * 2).is_integer() and (knn[0]["knn_top5"] * 2).is_integer()
     cfg = load_run_config(tmp_path)
     assert cfg.train.epochs == 1 and cfg.data.limit == 256
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["epoch_0001"]

@@ -23,7 +23,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from batchssl.backbones import build_backbone
+from batchssl.backbones import build_backbone, channels_last_arch
 from batchssl.config import Config
 from batchssl.cpu import effective_precision
 from batchssl.data import DatasetInfo, dataset_info, pretrain_dataset
@@ -95,26 +95,32 @@ def check_batch(batch_size: int, world: int) -> None:
 
 def uses_loader_workers(cfg: Config) -> bool:
     """Whether the views come from loader workers (data.pipeline workers, or a dataset read from disk)."""
-    return cfg.data.pipeline == "workers" or cfg.data.name == "imagefolder"
+    return cfg.data.pipeline in ("workers", "split") or cfg.data.name in ("imagefolder", "shards")
 
 
 def uses_channels_last(cfg: Config) -> bool:
-    """ResNets run in channels_last on every device (faster convolutions on GPUs and on CPUs with oneDNN)."""
-    return cfg.train.channels_last and cfg.model.arch.startswith("resnet")
+    """Convolutional backbones (ResNets, timm's) run in channels_last on every device (faster convolutions on GPUs
+    and on CPUs with oneDNN)."""
+    return cfg.train.channels_last and channels_last_arch(cfg.model.arch)
 
 
 def build_pipeline(cfg: Config, info: DatasetInfo, device: torch.device, rank: int, world: int):
-    """The device pipeline for in-memory datasets (data.pipeline auto or device), else loader workers."""
+    """In-memory datasets: the device pipeline (data.pipeline auto or device). Image files (imagefolder, shards):
+    the split pipeline (auto or split: workers decode and crop, the device does the rest). data.pipeline=workers:
+    lightly's per-sample chain in loader workers."""
     from batchssl.data import in_memory_pretrain_images
+    from batchssl.filepipeline import build_split_pipeline
     from batchssl.pipeline import DevicePipeline, WorkerPipeline
 
+    files = cfg.data.name in ("imagefolder", "shards")
+    if cfg.data.pipeline == "split" or (cfg.data.pipeline == "auto" and files):
+        return build_split_pipeline(cfg, info, device, rank, world)
     if cfg.data.pipeline != "workers":
-        arrays = in_memory_pretrain_images(cfg.data)
+        arrays = None if files else in_memory_pretrain_images(cfg.data)
         if arrays is not None:
             return DevicePipeline(cfg, info, *arrays, device=device, rank=rank, world=world)
-        if cfg.data.pipeline == "device":
-            raise UserError(f"data.pipeline=device needs an in-memory dataset; {cfg.data.name} is read from disk: "
-                            "use data.pipeline=workers (or auto)")
+        raise UserError(f"data.pipeline=device needs an in-memory dataset; {cfg.data.name} is read from disk: "
+                        "use data.pipeline=split (or auto)")
     return WorkerPipeline(cfg, info, pretrain_dataset(cfg.data), device, rank, world,
                           channels_last=uses_channels_last(cfg))
 

@@ -180,7 +180,7 @@ class RunLock:
     def __init__(self, run_dir: str | Path, purpose: str):
         self.run_dir, self.purpose, self._file = Path(run_dir), purpose, None
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         import fcntl
         import socket
 
@@ -190,7 +190,7 @@ class RunLock:
             raise UserError(f"cannot create the run directory {self.run_dir}: {err.strerror or err}") from None
         path = self.run_dir / LOCK_FILE
         try:
-            handle = open(path, "a+")
+            handle = open(path, "a+")  # noqa: SIM115 -- held open on purpose: the lock lives as long as the file
         except OSError as err:
             raise UserError(f"cannot write in the run directory {self.run_dir}: {err.strerror or err}") from None
         try:
@@ -214,7 +214,7 @@ class RunLock:
             self._file.close()  # closing drops the lock
             self._file = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

@@ -32,6 +32,7 @@ from batchssl import checkpoint as ckpt
 from batchssl.build import Training, build_training, check_batch, resolve_precision
 from batchssl.collapse import CollapseAlarm
 from batchssl.config import Config, to_dict
+from batchssl.consistency import check_same_config
 from batchssl.data import sample_seed
 from batchssl.distributed import make_accelerator
 from batchssl.errors import NonFiniteLossError, UserError
@@ -141,6 +142,8 @@ def train(cfg: Config, callbacks: Sequence[Callback] = ()) -> dict:
     out = Path(cfg.output_dir)
     precision = resolve_precision(cfg.train.mixed_precision)
     accelerator = make_accelerator(mixed_precision=precision, log_with=cfg.train.log_with, project_dir=str(out))
+    if accelerator.num_processes > 1:  # collective: one config and code version on every process (batchssl.consistency)
+        check_same_config(cfg)
     check_batch(cfg.train.batch_size, accelerator.num_processes)  # before the lock creates the run directory
     lock = ckpt.RunLock(out, "pretrain.py").acquire() if accelerator.is_main_process else None
     try:
