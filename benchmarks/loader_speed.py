@@ -9,12 +9,16 @@
   decoders  --decoders: decode-only images/s of the folder at full scale and at 1/2, 1/4: PIL (draft),
             simplejpeg, and PyTurboJPEG when it is installed with a libjpeg-turbo it accepts
 
-Everything runs in this process on one core (torch.set_num_threads(1)), as one DataLoader worker runs it; each
+--train instead times pretrain.py end to end (median images/s of its logged intervals) with data.pipeline=split
+and data.pipeline=workers, a ResNet-18 at width 0.25 so that the loader is the bottleneck.
+
+Everything else runs in this process on one core (torch.set_num_threads(1)), as one DataLoader worker runs it; each
 figure is the median of --repeats interleaved runs, so a busy machine slows all alike; ratio = split / lightly.
 
     python benchmarks/make_photo_folder.py /tmp/photos --train 300 --val 30
     python benchmarks/loader_speed.py /tmp/photos                  # 96, 160, 224 px, MoCo v3 (BYOL) views
     python benchmarks/loader_speed.py /tmp/photos --sizes 224 --images 64 --repeats 3 --decoders
+    python benchmarks/loader_speed.py /tmp/photos --train --sizes 96 --repeats 1   # the trainer, end to end
 """
 
 from __future__ import annotations
@@ -110,6 +114,29 @@ def decoder_rates(root: str, images: int, repeats: int) -> dict[str, float]:
     return rates
 
 
+def train_rates(root: str, size: int, epochs: int, workers: int, repeats: int) -> dict[str, float]:
+    """Median images/s of pretrain.py runs (a backbone small enough to be loader-bound) per data.pipeline."""
+    import json
+    import subprocess
+    import tempfile
+
+    repo = Path(__file__).resolve().parents[1]
+    rates: dict[str, list[float]] = {"split": [], "workers": []}
+    for _ in range(repeats):
+        for pipeline in rates:
+            with tempfile.TemporaryDirectory() as out:
+                subprocess.run([sys.executable, "pretrain.py", "--config", str(RECIPE), f"data.root={root}",
+                                f"data.image_size={size}", f"data.pipeline={pipeline}", f"data.num_workers={workers}",
+                                "model.arch=resnet18", "model.width=0.25", "train.batch_size=32",
+                                f"train.epochs={epochs}", "train.log_every_n_steps=2", "monitor.enabled=false",
+                                "optim.warmup_epochs=0", "checkpoint.every_n_epochs=1000", f"output_dir={out}"],
+                               cwd=repo, check=True, capture_output=True)
+                lines = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+                speeds = [m["images_per_s"] for m in lines if "images_per_s" in m][1:]  # the first: start-up
+                rates[pipeline].append(statistics.median(speeds))
+    return {name: statistics.median(r) for name, r in rates.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", help="an ImageFolder root (train/<class>/*.jpg), e.g. from make_photo_folder.py")
@@ -118,7 +145,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--method", default="mocov3", choices=["mocov3", "simsiam"])
     parser.add_argument("--decoders", action="store_true", help="also time each JPEG decoder alone")
+    parser.add_argument("--train", action="store_true", help="only the trainer's images/s end to end, per pipeline "
+                        "(pretrain.py, ResNet-18 x0.25, batch 32, --workers loader workers)")
+    parser.add_argument("--workers", type=int, default=2, help="--train: loader workers (default 2)")
+    parser.add_argument("--epochs", type=int, default=2, help="--train: epochs per run (default 2)")
     args = parser.parse_args()
+    if args.train:
+        print(f"pretrain.py median images/s, {args.workers} loader workers, median of {args.repeats} runs each")
+        for size in args.sizes:
+            r = train_rates(args.root, size, args.epochs, args.workers, args.repeats)
+            print(f"{size:4d} px  workers (lightly) {r['workers']:7.1f}  split {r['split']:7.1f}  "
+                  f"ratio {r['split'] / r['workers']:5.2f}")
+        return
     torch.set_num_threads(1)
     print(f"pairs/s on one core, median of {args.repeats}; {args.images} images of {args.root}, {args.method} views")
     for size in args.sizes:

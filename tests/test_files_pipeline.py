@@ -151,3 +151,21 @@ def test_a_truncated_file_is_named(photos, tmp_path):
     with pytest.raises(UserError, match=f"cannot read image {victim}"):
         for _ in pipeline.batches(0):
             pass
+
+
+
+def test_pretrain_refuses_a_folder_of_empty_files_in_one_line(tmp_path):
+    from helpers import run_entry
+
+    for split in ("train", "val"):
+        for i in range(4):
+            folder = tmp_path / split / f"c{i % 2}"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{i}.jpg").write_bytes(b"")
+    result = run_entry("pretrain.py", "--config", "recipes/imagenet/mocov3_r50.yaml", f"data.root={tmp_path}",
+                       "data.image_size=32", "train.batch_size=4", "model.arch=resnet18", "model.width=0.25",
+                       f"output_dir={tmp_path / 'run'}", check=False, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("pretrain.py: error: ")]
+    assert len(errors) == 1 and "is empty (0 bytes)" in errors[0]
+    assert not (tmp_path / "run" / "checkpoints").exists()
