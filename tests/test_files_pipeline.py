@@ -169,3 +169,9 @@ def test_pretrain_refuses_a_folder_of_empty_files_in_one_line(tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("pretrain.py: error: ")]
     assert len(errors) == 1 and "is empty (0 bytes)" in errors[0]
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_split_pipeline_is_for_files_only():
+    cfg = load_config(None, ["data.pipeline=split"])
+    with pytest.raises(UserError, match="data.pipeline=split reads image files; fashion_mnist is held in memory"):
+        build_split_pipeline(cfg, dataset_info(cfg.data), torch.device("cpu"))
