@@ -132,5 +132,9 @@ class DINO(SSLMethod):
                 for part in ("backbone", "projector", "predictor"):
                     update_momentum(getattr(self, part), getattr(self, f"{part}_momentum"), m)
         targets = self.teacher_probs(views[:GLOBAL_VIEWS], temp)
-        out = two_stream_loss(self.loss, [self.predictor(x) for x in z], targets, self.bf_cfg.weight)
-        return {**out, "z_std": self.z_std(z[0][:n]), "momentum": torch.tensor(m), "teacher_temp": torch.tensor(temp)}
+        scores = [self.predictor(x) for x in z]
+        out = two_stream_loss(self.loss, scores, targets, self.bf_cfg.weight)
+        # z_std of the K prototype scores (method.proj_dim, what the collapse alarm scales by): 0 when every image
+        # gets the same scores, DINO's collapse
+        return {**out, "z_std": self.z_std(scores[0][:n]), "momentum": torch.tensor(m),
+                "teacher_temp": torch.tensor(temp)}
