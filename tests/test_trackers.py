@@ -1,16 +1,13 @@
 """train.log_with=tensorboard: the flattened config TensorBoard accepts, and a real run's scalars read back."""
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from batchssl.config import Config, to_dict
 from batchssl.trackers import tracker_config
-from helpers import REPO, TINY, read_metrics, run_pretrain
+from helpers import TINY, pretrain_in_process, read_metrics, run_pretrain
 
 
 def read_scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
@@ -75,7 +72,7 @@ def test_read_scalars(tmp_path):
 def test_tensorboard_run_logs_every_metric(tmp_path):
     pytest.importorskip("tensorboard")
     out = tmp_path / "run"
-    run_pretrain([*TINY, "train.log_with=tensorboard", f"output_dir={out}"])
+    pretrain_in_process([*TINY, "train.log_with=tensorboard", f"output_dir={out}"])
     scalars = read_scalars(out)
     metrics = read_metrics(out)
     steps = [m["step"] for m in metrics if "loss" in m]
@@ -99,9 +96,7 @@ def test_wandb_offline_run_writes_its_files_into_the_run_directory(tmp_path):
     """W&B through Accelerate's tracker, offline (no network here). wandb is an optional extra (about 100 MB of
     dependencies), not installed by `make setup`: this test runs where it is installed (pip install -e .[wandb])."""
     pytest.importorskip("wandb")
-    result = subprocess.run([sys.executable, "pretrain.py", *TINY, "train.log_with=wandb", f"output_dir={tmp_path}"],
-                            cwd=REPO, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_pretrain([*TINY, "train.log_with=wandb", f"output_dir={tmp_path}"],
+                 env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))

@@ -42,19 +42,6 @@ def fake_fashion_mnist(monkeypatch):
     return asked
 
 
-@pytest.fixture
-def own_process_state():
-    """train() sets up Accelerate's process-wide state and reseeds torch: start from none, leave none behind.
-    One thread meanwhile: the tensors are tiny, and a second OpenMP thread only waits on a busy machine."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with torch.random.fork_rng():
-        yield
-    torch.set_num_threads(threads)
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 # The default recipe shrunk to take seconds: 32 images of 16 px in batches of 16 (2 steps an epoch), a 1/8-width
 # ResNet-18 with small heads.
 SHRUNK = ["train.epochs=2", "train.batch_size=16", "train.log_every_n_steps=1", "data.image_size=16",

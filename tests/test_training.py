@@ -1,4 +1,6 @@
-"""Real training runs on a few hundred Fashion-MNIST images: the recipes, resume, bad input."""
+"""Real training runs on a few hundred Fashion-MNIST images: the recipes, resume, bad input. train() runs in this
+process (helpers.pretrain_in_process) where no process boundary is under test; the CLI's one-line errors keep a
+subprocess test."""
 
 import json
 import math
@@ -11,13 +13,14 @@ from batchssl.backbones import build_backbone
 from batchssl.checkpoint import complete_checkpoints, load_backbone
 from batchssl.config import load_run_config
 from batchssl.data import dataset_info
-from helpers import TINY, read_metrics, run_pretrain, step_losses
+from batchssl.errors import UserError
+from helpers import TINY, pretrain_in_process, read_metrics, run_pretrain, step_losses
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["simsiam", "simsiam_bf", "mocov3", "mocov3_bf"])
 def test_fashion_mnist_recipe_runs(recipe, tmp_path):
-    run_pretrain(["--config", f"recipes/fashion_mnist/{recipe}.yaml", *TINY, f"output_dir={tmp_path}"])
+    pretrain_in_process(["--config", f"recipes/fashion_mnist/{recipe}.yaml", *TINY, f"output_dir={tmp_path}"])
     metrics = read_metrics(tmp_path)
     steps = [m for m in metrics if "loss" in m]
     assert [m["step"] for m in steps] == [1, 2, 3, 4]
@@ -67,8 +70,15 @@ def _one_line_error(result) -> str:
 def one_epoch(tmp_path_factory):
     """A finished one-epoch run without the monitor; each test below resumes a copy of it in a way that must fail."""
     run = tmp_path_factory.mktemp("one_epoch")
-    run_pretrain([*TINY, "monitor.enabled=false", f"output_dir={run}"])
+    pretrain_in_process([*TINY, "monitor.enabled=false", f"output_dir={run}"])
     return run
+
+
+def error_of(args) -> str:
+    """The UserError train() stops with (pretrain.py prints it as one line and exits 2)."""
+    with pytest.raises(UserError) as stopped:
+        pretrain_in_process(args)
+    return str(stopped.value)
 
 
 def resume_args(one_epoch, out, *changes) -> list[str]:
@@ -82,7 +92,7 @@ def resume_args(one_epoch, out, *changes) -> list[str]:
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(one_epoch, tmp_path):
     args = resume_args(one_epoch, tmp_path, "train.epochs=3", "optim.base_lr=1e38")
     good = (tmp_path / "checkpoints" / "epoch_0001" / "model.safetensors").read_bytes()
-    line = _one_line_error(run_pretrain(args, check=False))
+    line = error_of(args)
     found = re.search(r"loss is (nan|inf) at step (\d+) \(epoch (\d+)\)", line)
     assert found, line
     step, epoch = int(found[2]), int(found[3])
@@ -99,7 +109,7 @@ def test_resuming_another_architecture_or_method_is_refused(one_epoch, tmp_path)
         out = tmp_path / name
         args = resume_args(one_epoch, out, "train.epochs=2", change)
         before = sorted(p.name for p in (out / "checkpoints").iterdir())
-        line = _one_line_error(run_pretrain(args, check=False))
+        line = error_of(args)
         assert "written for another model" in line and difference in line
         assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
 
@@ -108,7 +118,7 @@ def test_resuming_another_architecture_or_method_is_refused(one_epoch, tmp_path)
 def test_broken_checkpoint_is_one_line(one_epoch, tmp_path):
     args = resume_args(one_epoch, tmp_path, "train.epochs=2")
     (tmp_path / "checkpoints" / "epoch_0001" / "model.safetensors").write_bytes(b"not a safetensors file")
-    line = _one_line_error(run_pretrain(args, check=False))
+    line = error_of(args)
     assert f"checkpoint {tmp_path / 'checkpoints' / 'epoch_0001'} is damaged" in line
     assert "start afresh in another output_dir" in line
 
