@@ -1,11 +1,19 @@
-"""Run directory: config.yaml, metrics.jsonl, checkpoints/epoch_NNNN/ (Accelerate save_state), backbone.safetensors.
+"""Run directory: config.yaml, metrics.jsonl, checkpoints/{epoch_NNNN,step_NNNNNNNN}/ (Accelerate save_state),
+backbone.safetensors.
 
-A checkpoint is written to checkpoints/.tmp-epoch_NNNN and renamed when complete; only renamed directories that
+epoch_NNNN is written at the end of an epoch (after its monitor line); step_NNNNNNNN after global step N inside an
+epoch (checkpoint.every_n_steps, or a preemption signal). All are ordered by the global step in their
+trainer_state.json (an epoch checkpoint after a step checkpoint of the same step: it has the epoch's monitor line
+too), and checkpoint.keep_last keeps the newest of both kinds together.
+
+A checkpoint is written to checkpoints/.tmp-<name> and renamed when complete; only renamed directories that
 hold trainer_state.json count, so a half-written checkpoint is never loaded and the previous one stays the newest.
+A failed write (a full disk, any OSError) removes the partial directory and ends in one line (UserError).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -23,7 +31,7 @@ from batchssl.files import atomic_write, temp_path
 
 STATE_FILE = "trainer_state.json"
 BACKBONE_FILE = "backbone.safetensors"
-_CHECKPOINT = re.compile(r"^epoch_(\d+)$")
+_CHECKPOINT = re.compile(r"^(epoch|step)_(\d+)$")
 
 
 def model_signature(cfg: Config) -> dict:
@@ -46,12 +54,25 @@ def epoch_dir(output_dir: str | Path, epoch: int) -> Path:
     return checkpoint_dir(output_dir) / f"epoch_{epoch:04d}"
 
 
+def step_dir(output_dir: str | Path, step: int) -> Path:
+    return checkpoint_dir(output_dir) / f"step_{step:08d}"
+
+
+def _order(path: Path, kind: str, number: int) -> tuple[int, int]:
+    """(global step, 0 for a step checkpoint / 1 for an epoch one): the newest is the largest."""
+    try:
+        step = int(json.loads((path / STATE_FILE).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        step = number if kind == "step" else -1  # unreadable: load_checkpoint names the damage if it is chosen
+    return step, int(kind == "epoch")
+
+
 def complete_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Complete checkpoints, oldest first (by global step, see the module docstring)."""
     root = checkpoint_dir(output_dir)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir()
+    found = [(_order(p, m.group(1), int(m.group(2))), p) for p in root.iterdir()
              if (m := _CHECKPOINT.match(p.name)) and (p / STATE_FILE).is_file()]
     return [p for _, p in sorted(found)]
 
@@ -61,25 +82,55 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def stage_checkpoint(accelerator, output_dir: str | Path, state: dict) -> Path:
+def _dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _write_failed(err: OSError, tmp: Path, output_dir: str | Path) -> UserError:
+    """The one line for a checkpoint that could not be written; the partial directory is removed first."""
+    root = checkpoint_dir(output_dir)
+    older = complete_checkpoints(output_dir)
+    shutil.rmtree(tmp, ignore_errors=True)
+    kept = f"the newest complete checkpoint {older[-1].name} is intact" if older else "no earlier checkpoint exists"
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        need = _dir_size(older[-1]) if older else 0  # a checkpoint's size hardly changes from one to the next
+        free = shutil.disk_usage(root).free if root.is_dir() else 0
+        what = (f"no space left in {root}: a checkpoint needs about {need / 2**20:.0f} MiB, "
+                f"{free / 2**20:.0f} MiB free" if need else f"no space left in {root} ({free / 2**20:.0f} MiB free)")
+        return UserError(f"{what}; {kept}. Free space (or lower checkpoint.keep_last) and rerun the same command to "
+                         "resume")
+    return UserError(f"cannot write a checkpoint in {root}: {err.strerror or err}; {kept}. Rerun the same command "
+                     "to resume once it is fixed")
+
+
+def stage_checkpoint(accelerator, output_dir: str | Path, state: dict, name: str) -> Path:
     """Collective: every process calls it. Writes the whole checkpoint (Accelerate's files, then `state` as
-    trainer_state.json) into a temporary directory and returns it; `commit_checkpoint` puts it in place."""
-    tmp = temp_path(epoch_dir(output_dir, state["epoch"]))
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        atomic_write(tmp / STATE_FILE, json.dumps(state, indent=1))
+    trainer_state.json) into checkpoints/.tmp-<name> and returns it; `commit_checkpoint` puts it in place.
+    An OSError while writing (a full disk) removes the partial directory and raises UserError."""
+    tmp = temp_path(checkpoint_dir(output_dir) / name)
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            atomic_write(tmp / STATE_FILE, json.dumps(state, indent=1))
+    except SafetensorError as err:  # safetensors reports a failed write as its own error, the errno in its text
+        if "Os {" not in str(err) and "No space left" not in str(err):  # an I/O failure, not a bad tensor
+            raise
+        raise _write_failed(OSError(errno.ENOSPC if "No space left" in str(err) else errno.EIO, str(err)), tmp,
+                            output_dir) from None
+    except OSError as err:
+        raise _write_failed(err, tmp, output_dir) from None
     return tmp
 
 
-def commit_checkpoint(accelerator, output_dir: str | Path, epoch: int, keep_last: int) -> Path:
-    """Collective: rename epoch `epoch`'s staged checkpoint into place (it becomes the newest) and prune all but
+def commit_checkpoint(accelerator, output_dir: str | Path, name: str, keep_last: int) -> Path:
+    """Collective: rename the staged checkpoint `name` into place (it becomes the newest) and prune all but
     the newest `keep_last`. Returns the final directory."""
-    final = epoch_dir(output_dir, epoch)
+    final = checkpoint_dir(output_dir) / name
     staged = temp_path(final)
     if accelerator.is_main_process:
         if final.exists():  # an earlier run's checkpoint of the same epoch (e.g. resume=<older checkpoint>)
@@ -93,8 +144,9 @@ def commit_checkpoint(accelerator, output_dir: str | Path, epoch: int, keep_last
 
 def save_checkpoint(accelerator, output_dir: str | Path, state: dict, keep_last: int) -> Path:
     """Collective: stage and commit in one call. Returns the final directory."""
-    stage_checkpoint(accelerator, output_dir, state)
-    return commit_checkpoint(accelerator, output_dir, state["epoch"], keep_last)
+    name = epoch_dir(output_dir, state["epoch"]).name
+    stage_checkpoint(accelerator, output_dir, state, name)
+    return commit_checkpoint(accelerator, output_dir, name, keep_last)
 
 
 def read_state(path: Path) -> dict:
@@ -226,7 +278,8 @@ CONFIG_HISTORY = "config_history.jsonl"
 # Settings that change neither the model nor the training trajectory: free to change on resume.
 FREE_TO_CHANGE = {
     "output_dir", "data.root", "data.download", "data.num_workers", "data.val_limit",
-    "checkpoint.every_n_epochs", "checkpoint.keep_last", "checkpoint.resume", "checkpoint.allow_changes",
+    "checkpoint.every_n_epochs", "checkpoint.every_n_steps", "checkpoint.signals", "checkpoint.requeue",
+    "checkpoint.keep_last", "checkpoint.resume", "checkpoint.allow_changes",
     "train.log_every_n_steps", "train.log_with",
     "monitor.every_n_epochs", "monitor.k", "monitor.temperature", "monitor.batch_size", "monitor.enabled",
     "monitor.collapse_fraction", "monitor.collapse_patience",

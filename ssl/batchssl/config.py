@@ -195,7 +195,13 @@ class TrainConfig:
 @dataclass
 class CheckpointConfig:
     every_n_epochs: int = 10
+    every_n_steps: int = 0  # also a checkpoint after every N-th global step (0: off); keep_last counts both kinds
     keep_last: int = 2
+    # Signals that make the trainer finish the current step, checkpoint and exit with 128 + the signal's number
+    # (on every process, even when only one got it); SIGINT (Ctrl-C) always does, and a second one stops at once.
+    signals: str = "SIGTERM,SIGUSR1"  # comma-separated names; "" for none
+    # After such a checkpoint under Slurm, rank 0 runs `scontrol requeue $SLURM_JOB_ID` (sbatch --requeue).
+    requeue: bool = False
     resume: str = "auto"  # auto (newest complete checkpoint in output_dir), none, or a checkpoint directory
     # Resuming with settings that change the model or the training trajectory is refused unless this is true;
     # every config that ran stays in config_history.jsonl either way.

@@ -161,19 +161,20 @@ class EpochShardSampler(Sampler):
 
     def __init__(self, size: int, global_batch: int, seed: int, rank: int = 0, world: int = 1):
         self.size, self.global_batch, self.seed, self.rank, self.world = size, global_batch, seed, rank, world
-        self.epoch = 0
+        self.epoch, self.start = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Epoch `epoch` from its global batch `start` on (a run resumed from a step checkpoint)."""
+        self.epoch, self.start = epoch, start
 
     def steps_per_epoch(self) -> int:
         return self.size // self.global_batch
 
     def __len__(self) -> int:
-        return self.steps_per_epoch() * self.global_batch // self.world
+        return (self.steps_per_epoch() - self.start) * self.global_batch // self.world
 
     def __iter__(self):
-        order = epoch_order(self.size, self.global_batch, self.seed, self.epoch)
+        order = epoch_order(self.size, self.global_batch, self.seed, self.epoch)[self.start * self.global_batch :]
         for index in order[self.rank :: self.world].tolist():
             yield (self.epoch, index)
 

@@ -114,26 +114,28 @@ class _Steps(Sampler):
     """The keys (epoch, step) of one epoch, in order."""
 
     def __init__(self, steps: int):
-        self.steps, self.epoch = steps, 0
+        self.steps, self.epoch, self.start = steps, 0, 0  # start > 0: resumed from a step checkpoint
 
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self):
-        return iter([(self.epoch, step) for step in range(self.steps)])
+        return iter([(self.epoch, step) for step in range(self.start, self.steps)])
 
 
 class _StreamSteps(Sampler):
     """The keys (epoch, step, files) of one epoch, files read from this process's shards (batchssl.shards)."""
 
     def __init__(self, stream):
-        self.stream, self.epoch = stream, 0
+        self.stream, self.epoch, self.start = stream, 0, 0  # start > 0: resumed from a step checkpoint
 
     def __len__(self) -> int:
         return self.stream.steps_per_epoch
 
     def __iter__(self):
-        return ((self.epoch, step, files) for step, files in enumerate(self.stream.steps(self.epoch)))
+        # A sequential stream: the skipped steps' files are read (not decoded) to reach step `start`.
+        return ((self.epoch, step, files) for step, files in enumerate(self.stream.steps(self.epoch))
+                if step >= self.start)
 
 
 class SplitPipeline:
@@ -167,9 +169,10 @@ class SplitPipeline:
         images = [c.to(self.device, non_blocking=True).permute(0, 3, 1, 2) for c in crops]
         return self.views.render_crops(images, params)
 
-    def batches(self, epoch: int) -> Iterator[tuple[list[Tensor], Tensor]]:
-        self.sampler.epoch = epoch
-        for step, (crops, labels) in enumerate(self.loader):
+    def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[list[Tensor], Tensor]]:
+        """Steps start.. of the epoch (start > 0: resumed from a step checkpoint)."""
+        self.sampler.epoch, self.sampler.start = epoch, start
+        for step, (crops, labels) in enumerate(self.loader, start=start):
             yield self.render(crops, epoch, step), labels.to(self.device, non_blocking=True)
 
 

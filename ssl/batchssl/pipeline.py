@@ -44,10 +44,11 @@ class DevicePipeline:
     def steps_per_epoch(self) -> int:
         return self.size // self.batch
 
-    def batches(self, epoch: int) -> Iterator[tuple[list[Tensor], Tensor]]:
+    def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[list[Tensor], Tensor]]:
+        """Steps start.. of the epoch (start > 0: resumed from a step checkpoint)."""
         order = epoch_order(self.size, self.batch, self.seed, epoch).view(-1, self.batch)[:, self.positions]
         order = order.to(self.images.device, non_blocking=True)
-        for step in range(self.steps_per_epoch):
+        for step in range(start, self.steps_per_epoch):
             rows = order[step]
             views = self.views(self.images[rows], self.seed, epoch, step, self.positions, self.batch)
             yield views, self.labels[rows]
@@ -71,8 +72,9 @@ class WorkerPipeline:
     def steps_per_epoch(self) -> int:
         return self.sampler.steps_per_epoch()
 
-    def batches(self, epoch: int) -> Iterator[tuple[list[Tensor], Tensor]]:
-        self.sampler.set_epoch(epoch)
+    def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[list[Tensor], Tensor]]:
+        """Steps start.. of the epoch (start > 0: resumed from a step checkpoint; the sampler skips the rest)."""
+        self.sampler.set_epoch(epoch, start)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         for views, labels in self.loader:
             yield ([v.to(self.device, non_blocking=True).contiguous(memory_format=fmt) for v in views],

@@ -12,6 +12,11 @@ workers, repeats the uninterrupted run's steps exactly. The collapse alarm's cou
 Host synchronisation: a step queues its work and its logged numbers stay on the device; they are read back (and
 the loss checked for NaN / inf, naming the first bad step) only on log steps, which include every epoch's last.
 
+Checkpoints: at epoch ends (checkpoint.every_n_epochs, after the epoch's monitor line) and after every N-th global
+step (checkpoint.every_n_steps); a run resumed from a step checkpoint starts the epoch's pipeline at the next step.
+A preemption signal (batchssl.preemption) makes every process finish the step, write a step checkpoint and exit
+with 128 + the signal's number.
+
 Process-wide tuning (threads, malloc) is not done here: entry points call batchssl.cpu.tune_process first.
 """
 
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import signal
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -40,6 +46,15 @@ from batchssl.eval.frozen import feature_dtype
 from batchssl.monitor import KnnMonitor
 from batchssl.online_linear import feature_tap, gather_rows
 from batchssl.optim import apply_lr
+from batchssl.preemption import Stopped, StopRequests, requeue
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
 
 _STEP_STREAM = 1  # separates the per-step generator's seeds from the views' (which use (seed, epoch, step))
 
@@ -145,24 +160,37 @@ def train(cfg: Config, callbacks: Sequence[Callback] = ()) -> dict:
     if accelerator.num_processes > 1:  # collective: one config and code version on every process (batchssl.consistency)
         check_same_config(cfg)
     check_batch(cfg.train.batch_size, accelerator.num_processes)  # before the lock creates the run directory
+    if cfg.checkpoint.every_n_steps < 0:
+        raise UserError("checkpoint.every_n_steps must be >= 0 (0: off)")
+    stop = StopRequests(cfg.checkpoint.signals, accelerator.num_processes)
     lock = ckpt.RunLock(out, "pretrain.py").acquire() if accelerator.is_main_process else None
+    stop.install()
     try:
-        return _train(cfg, out, accelerator, precision, callbacks)
+        return _train(cfg, out, accelerator, precision, callbacks, stop)
+    except KeyboardInterrupt:  # a second Ctrl-C: whatever was running stops; the newest checkpoint stands
+        newest = ckpt.latest_checkpoint(out)
+        raise Stopped(2, f"interrupted; {'resumes from ' + str(newest) if newest else 'no checkpoint yet'} "
+                         "when the same command is rerun") from None
+    except Stopped as stopped:
+        accelerator.print(stopped.message)
+        raise
     finally:
+        stop.restore()
         if lock is not None:
             lock.release()
 
 
-def _train(cfg: Config, out: Path, accelerator: Accelerator, precision: str, callbacks: Sequence[Callback]) -> dict:
+def _train(cfg: Config, out: Path, accelerator: Accelerator, precision: str, callbacks: Sequence[Callback],
+           stop: StopRequests) -> dict:
     resume_from = resume_target(cfg, out)  # resolved before anything is written, so bad input loses nothing
     if accelerator.is_main_process:
         ckpt.check_config_change(cfg, out, resume_from)
     run = build_training(cfg, accelerator)
-    loop = _Loop(cfg, out, accelerator, run, precision, callbacks)
-    start_epoch = loop.resume(resume_from) if resume_from is not None else 0
+    loop = _Loop(cfg, out, accelerator, run, precision, callbacks, stop)
+    start_epoch, start_step = loop.resume(resume_from) if resume_from is not None else (0, 0)
     if accelerator.is_main_process:
         ckpt.record_config(cfg, out, resume_from)
-        truncate_metrics(out / "metrics.jsonl", start_epoch * run.steps_per_epoch)
+        truncate_metrics(out / "metrics.jsonl", start_step)
     if cfg.train.log_with:
         from batchssl.trackers import tracker_config
 
@@ -171,7 +199,8 @@ def _train(cfg: Config, out: Path, accelerator: Accelerator, precision: str, cal
                                   init_kwargs={"wandb": {"dir": str(out)}} if cfg.train.log_with == "wandb" else {})
 
     for epoch in range(start_epoch, cfg.train.epochs):
-        loop.train_epoch(epoch)
+        # A step checkpoint resumes inside its epoch (possibly after its last step, before the monitor).
+        loop.train_epoch(epoch, start_step - epoch * run.steps_per_epoch if epoch == start_epoch else 0)
         loop.end_epoch(epoch + 1)
 
     if start_epoch >= cfg.train.epochs and accelerator.is_main_process:
@@ -186,8 +215,9 @@ class _Loop:
     """One run's loop state: the step, its log line, the end-of-epoch monitor and checkpoint."""
 
     def __init__(self, cfg: Config, out: Path, accelerator: Accelerator, run: Training, precision: str,
-                 callbacks: Sequence[Callback]):
+                 callbacks: Sequence[Callback], stop: StopRequests):
         self.cfg, self.out, self.accelerator, self.run, self.callbacks = cfg, out, accelerator, run, callbacks
+        self.stop = stop
         self.monitor = KnnMonitor(cfg, run.info) if cfg.monitor.enabled else None
         self.eval_dtype = feature_dtype(precision)
         self.log = MetricsLog(accelerator, out / "metrics.jsonl", trackers=bool(cfg.train.log_with))
@@ -199,21 +229,27 @@ class _Loop:
         self.first_bad_loss = torch.zeros((), device=accelerator.device)
         self.interval_start, self.interval_steps = time.perf_counter(), 0  # for images_per_s between log steps
 
-    def resume(self, path: Path) -> int:
-        """Restore the checkpoint at `path` (weights, optimiser, RNGs, probe, alarm); returns its epoch."""
+    def resume(self, path: Path) -> tuple[int, int]:
+        """Restore the checkpoint at `path` (weights, optimiser, RNGs, probe, alarm); returns (the epoch to run
+        next or to finish, the global steps done). An epoch checkpoint's epoch is the number of epochs done; a step
+        checkpoint's is the epoch it was written in."""
         state = ckpt.load_checkpoint(self.accelerator, path, self.cfg)
         if "collapse_alarm" in state:
             self.alarm.load_state_dict(state["collapse_alarm"])
-        self.accelerator.print(f"resumed from {path} (epoch {state['epoch']})")
-        return state["epoch"]
+        epoch, step = state["epoch"], state.get("step", state["epoch"] * self.run.steps_per_epoch)
+        where = f"epoch {epoch}" if step == epoch * self.run.steps_per_epoch else f"epoch {epoch + 1}, step {step}"
+        self.accelerator.print(f"resumed from {path} ({where})")
+        return epoch, step
 
-    def train_epoch(self, epoch: int) -> None:
+    def train_epoch(self, epoch: int, first: int = 0) -> None:
+        """Steps `first`.. of the epoch (0 unless resumed from a step checkpoint)."""
         self.run.method.train()
         spe = self.run.steps_per_epoch
-        with tqdm(total=spe, desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}", dynamic_ncols=True,
+        with tqdm(total=spe, initial=first, desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}", dynamic_ncols=True,
                   disable=not self.accelerator.is_local_main_process) as bar:
             self.interval_start, self.interval_steps = time.perf_counter(), 0
-            for i, (views, labels) in enumerate(self.run.pipeline.batches(epoch)):
+            batches = self.run.pipeline.batches(epoch, first) if first else self.run.pipeline.batches(epoch)
+            for i, (views, labels) in enumerate(batches, start=first):
                 step = epoch * spe + i
                 names, values, lr = self.step(epoch, i, step, views, labels)
                 bar.update(1)
@@ -222,6 +258,22 @@ class _Loop:
                     logged = self.log_step(epoch, step, lr, names, values, bar)
                 for callback in self.callbacks:
                     callback.on_step_end(step + 1, logged)
+                self.after_step(epoch, i, step + 1)
+
+    def after_step(self, epoch: int, i: int, done: int) -> None:
+        """A preemption signal (agreed by all processes): step checkpoint and stop; else the step cadence (the
+        epoch's last step is end_epoch's, after the monitor)."""
+        signum = self.stop.agreed()
+        if signum:
+            self.step_checkpoint(epoch, done)
+            message = (f"stopped by {signal_name(signum)} after step {done}: checkpoint "
+                       f"{ckpt.step_dir(self.out, done)}; rerun the same command to resume")
+            if self.cfg.checkpoint.requeue and self.accelerator.is_main_process:
+                message += f"; {requeue()}"
+            raise Stopped(signum, message)
+        every = self.cfg.checkpoint.every_n_steps
+        if every and done % every == 0 and i != self.run.steps_per_epoch - 1:
+            self.step_checkpoint(epoch, done)
 
     def step(self, epoch: int, i: int, step: int, views, labels) -> tuple[list[str], torch.Tensor, float]:
         """One optimiser step (and the online probe's); the logged numbers stay on the device."""
@@ -275,9 +327,12 @@ class _Loop:
         every = self.cfg.monitor.every_n_epochs
         if self.monitor and (final or (every and done % every == 0)):
             self.monitor_epoch(done)
-        every = self.cfg.checkpoint.every_n_epochs
-        if final or (every and done % every == 0):
-            self.checkpoint(done)
+        every, every_step = self.cfg.checkpoint.every_n_epochs, self.cfg.checkpoint.every_n_steps
+        at_step = every_step and done * self.run.steps_per_epoch % every_step == 0
+        if final or (every and done % every == 0) or at_step:
+            self.checkpoint(ckpt.epoch_dir(self.out, done).name, done, done * self.run.steps_per_epoch)
+            if self.accelerator.is_main_process:
+                ckpt.export_backbone(self.run.inner.backbone, self.out / ckpt.BACKBONE_FILE)
 
     def monitor_epoch(self, done: int) -> None:
         result = self.monitor(self.run.inner.backbone, self.accelerator, self.eval_dtype, self.run.online)
@@ -292,13 +347,22 @@ class _Loop:
         self.accelerator.print(f"{line} ({result['knn_seconds']:.1f} s)")
         self.last.update(result)
 
-    def checkpoint(self, done: int) -> None:
-        state = {"epoch": done, "step": done * self.run.steps_per_epoch,
+    def step_checkpoint(self, epoch: int, done: int) -> None:
+        """After global step `done` inside epoch `epoch` (0-based); the loss is checked first, as on log steps."""
+        self.raise_if_non_finite()
+        self.checkpoint(ckpt.step_dir(self.out, done).name, epoch, done)
+
+    def checkpoint(self, name: str, epoch: int, step: int) -> None:
+        """Signals are only recorded while it is written (a second Ctrl-C included): it completes or, killed,
+        leaves a .tmp- directory that never counts."""
+        state = {"epoch": epoch, "step": step,
                  "model_signature": ckpt.model_signature(self.cfg), "collapse_alarm": self.alarm.state_dict()}
-        staged = ckpt.stage_checkpoint(self.accelerator, self.out, state)
-        if self.accelerator.is_main_process:
-            for callback in self.callbacks:
-                callback.on_checkpoint_staged(staged)
-        ckpt.commit_checkpoint(self.accelerator, self.out, done, self.cfg.checkpoint.keep_last)
-        if self.accelerator.is_main_process:
-            ckpt.export_backbone(self.run.inner.backbone, self.out / ckpt.BACKBONE_FILE)
+        self.stop.writing = True
+        try:
+            staged = ckpt.stage_checkpoint(self.accelerator, self.out, state, name)
+            if self.accelerator.is_main_process:
+                for callback in self.callbacks:
+                    callback.on_checkpoint_staged(staged)
+            ckpt.commit_checkpoint(self.accelerator, self.out, name, self.cfg.checkpoint.keep_last)
+        finally:
+            self.stop.writing = False
