@@ -173,3 +173,32 @@ def test_bad_signal_names_are_one_line():
         parse_signals("SIGKILL")
     with pytest.raises(UserError, match="SIGNOPE"):
         parse_signals("NOPE")
+
+
+def test_step_checkpoint_with_loader_workers_resumes_exactly(tmp_path, fake_data):
+    """data.pipeline=workers: the sampler starts the epoch at the checkpoint's step."""
+    workers = ["data.pipeline=workers", "data.num_workers=0", "monitor.enabled=false"]
+    run(tmp_path / "straight", *workers)
+    with pytest.raises(RuntimeError, match="crash"):
+        run(tmp_path / "crashed", *workers, "checkpoint.every_n_steps=2", callbacks=[Raise(7)])
+    assert complete_checkpoints(tmp_path / "crashed")[-1].name == "step_00000006"
+    run(tmp_path / "crashed", *workers, "checkpoint.every_n_steps=2")
+    assert step_lines(tmp_path / "crashed") == list(range(1, 9))
+    assert step_losses(tmp_path / "crashed") == step_losses(tmp_path / "straight")
+    assert (tmp_path / "crashed" / "backbone.safetensors").read_bytes() == \
+        (tmp_path / "straight" / "backbone.safetensors").read_bytes()
+
+
+def test_online_probe_trains_on_the_global_views_only(tmp_path, fake_data, monkeypatch):
+    from batchssl.online_linear import OnlineLinear
+
+    rows = []
+    original = OnlineLinear.train_step
+
+    def train_step(self, features, labels, *args):
+        rows.append(len(features))
+        return original(self, features, labels, *args)
+
+    monkeypatch.setattr(OnlineLinear, "train_step", train_step)
+    run(tmp_path, "augment.local_crops=2", "augment.local_size=8", "train.epochs=1", "monitor.every_n_epochs=0")
+    assert rows == [2 * 16] * 4  # two global views of 16 images a step, no local crops

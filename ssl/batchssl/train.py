@@ -285,9 +285,10 @@ class _Loop:
             names, values = train_step(run.method, run.optimizer, self.accelerator, views, step,
                                        run.schedule.total_steps, cfg.train.max_grad_norm)
         if run.online is not None:
-            # Detached features of both views; every process trains the same probe on the global rows.
-            run.online.train_step(*gather_rows(torch.cat(taps), labels.repeat(len(taps))), step,
-                                  run.schedule.total_steps)
+            # Detached features of the two global views only (their rows come first: the methods run the views in
+            # order), not augment.local_crops' small crops; every process trains the same probe on the global rows.
+            features = torch.cat(taps)[: 2 * len(labels)]
+            run.online.train_step(*gather_rows(features, labels.repeat(2)), step, run.schedule.total_steps)
         loss = values[names.index("loss")]
         new_bad = (self.first_bad == 0) & ~torch.isfinite(loss)
         self.first_bad = torch.where(new_bad, step + 1, self.first_bad)
