@@ -509,3 +509,25 @@ def test_worker_transforms_are_built_from_the_same_specs():
     # Grayscale data: saturation and hue off, as on the device.
     gray = view_transforms(make_cfg("simsiam"), INFO["fashion_mnist"])[0].transforms[2].transforms[0]
     assert gray.saturation is None and gray.hue is None
+
+
+@pytest.mark.parametrize("method, preset", [("mocov3", "byol"), ("byol", "byol"), ("barlowtwins", "byol"),
+                                            ("vicreg", "byol"), ("dino", "byol"), ("simsiam", "simsiam"),
+                                            ("simclr", "simsiam")])
+def test_auto_preset_is_the_methods_paper_augmentation(method, preset):
+    from batchssl.views import preset_for
+
+    assert preset_for(build_config({"method": {"name": method}})) == preset
+    assert preset_for(build_config({"method": {"name": method}, "augment": {"preset": "simsiam"}})) == "simsiam"
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "vit_tiny", "timm:resnet18"])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_views_follow_the_models_memory_format(arch, channels_last):
+    from batchssl.build import uses_channels_last
+    from batchssl.views import trainer_memory_format
+
+    cfg = build_config({"model": {"arch": arch}, "train": {"channels_last": channels_last}})
+    expected = torch.channels_last if uses_channels_last(cfg) else torch.contiguous_format
+    assert trainer_memory_format(cfg) == expected
+    assert uses_channels_last(cfg) == (channels_last and arch != "vit_tiny")

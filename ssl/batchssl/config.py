@@ -55,7 +55,8 @@ class DataConfig:
 
 @dataclass
 class AugmentConfig:
-    # auto: the method's paper augmentation (SimSiam: MoCo v2's; MoCo v3: BYOL's asymmetric pair).
+    # auto: the method's paper augmentation (BYOL's asymmetric pair for MoCo v3, BYOL, Barlow Twins, VICReg, DINO;
+    # MoCo v2's for SimSiam and SimCLR).
     preset: Literal["auto", "simsiam", "byol"] = "auto"
     min_scale: Optional[float] = None  # RandomResizedCrop lower bound; None: the preset's (0.2 SimSiam, 0.08 BYOL)
     color_jitter: float = 1.0  # colour-jitter strength multiplier (0 disables)

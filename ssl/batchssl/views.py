@@ -132,11 +132,15 @@ def _jitter_range(value: float, center: float, clip_zero: bool) -> Range:
     return None if low == high == center else (low, high)
 
 
+BYOL_PRESET_METHODS = ("mocov3", "byol", "barlowtwins", "vicreg", "dino")
+
+
 def preset_for(cfg: Config) -> str:
-    """augment.preset, with auto resolved: BYOL's pair for MoCo v3 (as its paper), MoCo v2's for the rest."""
+    """augment.preset, with auto resolved: BYOL's asymmetric pair for the methods whose papers use it (MoCo v3, BYOL,
+    Barlow Twins, VICReg, DINO), MoCo v2's symmetric one for SimSiam and SimCLR."""
     if cfg.augment.preset != "auto":
         return cfg.augment.preset
-    return "byol" if cfg.method.name == "mocov3" else "simsiam"
+    return "byol" if cfg.method.name in BYOL_PRESET_METHODS else "simsiam"
 
 
 def local_size(cfg: Config, info: DatasetInfo) -> int:
@@ -456,10 +460,12 @@ class _Packer:
 
 
 def trainer_memory_format(cfg: Config) -> torch.memory_format:
-    """The memory format the trainer gives the model's inputs: channels_last for ResNets with train.channels_last
-    (the rule of batchssl.train.uses_channels_last), else contiguous."""
-    resnet = cfg.model.arch.startswith("resnet")
-    return torch.channels_last if cfg.train.channels_last and resnet else torch.contiguous_format
+    """The memory format the trainer gives the model's inputs: channels_last for convolutional backbones (ResNets,
+    timm's) with train.channels_last (the rule of batchssl.build.uses_channels_last), else contiguous."""
+    from batchssl.backbones import channels_last_arch
+
+    conv = channels_last_arch(cfg.model.arch)
+    return torch.channels_last if cfg.train.channels_last and conv else torch.contiguous_format
 
 
 class DeviceViews:
