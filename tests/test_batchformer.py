@@ -1,4 +1,4 @@
-"""BatchFormer semantics of DESIGN.md: masking, scopes, gradients, training-only, absent from the export."""
+"""BatchFormer semantics of docs/architecture.md: masking, scopes, gradients, training-only, absent from the export."""
 
 import pytest
 import torch
