@@ -125,12 +125,14 @@ def train_rates(root: str, size: int, epochs: int, workers: int, repeats: int) -
     for _ in range(repeats):
         for pipeline in rates:
             with tempfile.TemporaryDirectory() as out:
-                subprocess.run([sys.executable, "pretrain.py", "--config", str(RECIPE), f"data.root={root}",
-                                f"data.image_size={size}", f"data.pipeline={pipeline}", f"data.num_workers={workers}",
-                                "model.arch=resnet18", "model.width=0.25", "train.batch_size=32",
-                                f"train.epochs={epochs}", "train.log_every_n_steps=2", "monitor.enabled=false",
-                                "optim.warmup_epochs=0", "checkpoint.every_n_epochs=1000", f"output_dir={out}"],
-                               cwd=repo, check=True, capture_output=True)
+                argv = ["pretrain.py", "--config", str(RECIPE), f"data.root={root}", f"data.image_size={size}",
+                        f"data.pipeline={pipeline}", f"data.num_workers={workers}", "model.arch=resnet18",
+                        "model.width=0.25", "train.batch_size=32", f"train.epochs={epochs}",
+                        "train.log_every_n_steps=2", "monitor.enabled=false", "optim.warmup_epochs=0",
+                        "checkpoint.every_n_epochs=1000", f"output_dir={out}"]
+                result = subprocess.run([sys.executable, *argv], cwd=repo, capture_output=True, text=True)
+                if result.returncode != 0:
+                    raise SystemExit(f"pretrain.py (data.pipeline={pipeline}) failed:\n{result.stderr[-3000:]}")
                 lines = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
                 speeds = [m["images_per_s"] for m in lines if "images_per_s" in m][1:]  # the first: start-up
                 rates[pipeline].append(statistics.median(speeds))

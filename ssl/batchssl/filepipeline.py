@@ -3,7 +3,8 @@
 Loader workers only read, decode and crop: each image is decoded once, at reduced scale where the JPEG allows it
 (batchssl.decode), every view's RandomResizedCrop is cut and resized to that view's output size, and a whole
 step's uint8 crops (one (B, S_v, S_v, 3) tensor per view) go to the trainer. Flip, colour jitter, grayscale, blur,
-solarisation and normalisation then run batched on the training device (`DeviceViews.render_crops`).
+solarisation and normalisation then run batched on the training device (`DeviceViews.render_crops`); when the
+training device is the CPU, the loader workers run those batched ops too, beside the training step.
 
 Randomness: a step's crop boxes and photometric parameters come from the same per-step draws as the in-memory
 pipeline (`views.step_params`, the row of each position in the global batch); the box of position p is
@@ -71,6 +72,7 @@ class StepCrops(Dataset):
         self.source, self.specs, self.seed = source, list(specs), seed
         self.global_batch, self.positions, self.reduce = global_batch, torch.as_tensor(positions), reduce
         self._order: tuple[int, Tensor] | None = None  # (epoch, its (steps, this process's rows) table)
+        self.render = None  # a DeviceViews: the workers also make the views (training on the CPU)
 
     def rows(self, epoch: int, step: int) -> Tensor:
         """Indices into the source of this process's rows of a step (the pipelines' shared epoch order)."""
@@ -83,11 +85,15 @@ class StepCrops(Dataset):
         return len(self.source) // self.global_batch
 
     def __getitem__(self, key: tuple):
-        """key: (epoch, step), the rows read from the source; or (epoch, step, files) from a shard stream."""
-        if len(key) == 3:
-            return self.crops(*key)
-        epoch, step = key
-        return self.crops(epoch, step, [self.source.read(row) for row in self.rows(epoch, step).tolist()])
+        """key: (epoch, step), the rows read from the source; or (epoch, step, files) from a shard stream.
+        With `render` set (a DeviceViews), the finished views instead of the crops."""
+        epoch, step = key[:2]
+        files = key[2] if len(key) == 3 else [self.source.read(row) for row in self.rows(epoch, step).tolist()]
+        crops, labels = self.crops(epoch, step, files)
+        if self.render is None:
+            return crops, labels
+        params = self.render.params(self.seed, epoch, step, 1, 1, self.positions, self.global_batch)
+        return self.render.render_crops([c.permute(0, 3, 1, 2) for c in crops], params), labels
 
     def boxes(self, epoch: int, step: int, heights: Tensor, widths: Tensor) -> Tensor:
         """(B, views, 4) crop boxes (top, left, height, width) of this process's rows of a step, for images of
@@ -153,6 +159,11 @@ class SplitPipeline:
         self.crops = StepCrops(source, self.views.specs, cfg.seed, self.batch, self.positions)
         self.sampler = _Steps(len(self.crops)) if stream is None else _StreamSteps(stream)
         workers = cfg.data.num_workers
+        # Training on the CPU, the "device" part would run in the training process, serially with the step: the
+        # loader workers do it instead, with the same batched ops and parameters, beside the step.
+        self.views_in_workers = device.type == "cpu" and workers > 0
+        if self.views_in_workers:
+            self.crops.render = self.views
         self.loader = DataLoader(self.crops, batch_size=None, sampler=self.sampler, num_workers=workers,
                                  persistent_workers=workers > 0, pin_memory=device.type == "cuda")
         self.device = device
@@ -173,7 +184,8 @@ class SplitPipeline:
         """Steps start.. of the epoch (start > 0: resumed from a step checkpoint)."""
         self.sampler.epoch, self.sampler.start = epoch, start
         for step, (crops, labels) in enumerate(self.loader, start=start):
-            yield self.render(crops, epoch, step), labels.to(self.device, non_blocking=True)
+            views = crops if self.views_in_workers else self.render(crops, epoch, step)
+            yield views, labels.to(self.device, non_blocking=True)
 
 
 def image_folder_source(cfg: Config) -> FileSource:
