@@ -22,10 +22,11 @@ Readers:
   divided by its batch share, so every process makes the same number of steps; the images left over in an epoch
   are skipped (other ones each epoch).
 
-Resume: checkpoints are written at epoch ends, and an epoch's stream depends only on (seed, epoch, rank, world)
-and the shards, so a resumed run meets exactly the batches the uninterrupted one met, provided it runs with the
-same number of processes (a different one deals the shards differently: every image is still seen once per
-epoch, minus the skipped remainder). An interrupted epoch is re-read from its first step. Unlike the folder
+Resume: an epoch's stream depends only on (seed, epoch, rank, world) and the shards, so a resumed run meets
+exactly the batches the uninterrupted one met, provided it runs with the same number of processes (a different
+one deals the shards differently: every image is still seen once per epoch, minus the skipped remainder). From a
+step checkpoint the stream is re-read from the epoch's first shard and the files of the steps already done are
+skipped without decoding; from an epoch checkpoint the next epoch starts afresh. Unlike the folder
 pipelines, the images of a step depend on the number of processes (each reads its own shards); the views of an
 image at (epoch, step, position) do not.
 """
