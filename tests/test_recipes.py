@@ -82,8 +82,8 @@ def test_gpu_recipe_conventions(path):
     assert 1 <= cfg.checkpoint.every_n_epochs <= cfg.train.epochs
     assert 1 <= cfg.monitor.every_n_epochs <= cfg.train.epochs
     assert cfg.method.proj_dim % cfg.batchformer.nhead == 0, "BatchFormer's attention needs dim % nhead == 0"
-    text = path.read_text()
-    assert f"accelerate launch --config_file accelerate_config.yaml pretrain.py --config recipes/{rid(path)}.yaml" in text
+    command = f"accelerate launch --config_file accelerate_config.yaml pretrain.py --config recipes/{rid(path)}.yaml"
+    assert command in path.read_text()
 
 
 # recipe -> (optimizer, base lr, global batch, lr = base * batch / 256, epochs, warmup epochs)
