@@ -32,10 +32,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ssl"))
 
-from batchssl.augment import view_transforms  # noqa: E402
-from batchssl.config import Config  # noqa: E402
-from batchssl.data import INFO, ArrayImages, TwoViews  # noqa: E402
-from batchssl.views import DeviceViews  # noqa: E402
+from batchssl.augment import view_transforms
+from batchssl.config import Config
+from batchssl.data import INFO, ArrayImages, TwoViews
+from batchssl.views import DeviceViews
 
 DATASETS = ("fashion_mnist", "cifar10", "stl10")
 

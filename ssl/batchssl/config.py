@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -29,8 +29,8 @@ class DataConfig:
     name: Literal["fashion_mnist", "cifar10", "cifar100", "stl10", "imagefolder", "shards"] = "fashion_mnist"
     root: str = "data"  # Fashion-MNIST also looks in /usr/share/datasets/fashion-mnist (Debian's package)
     download: bool = False  # let torchvision download a missing dataset (needs internet)
-    limit: Optional[int] = None  # use only the first N training images
-    val_limit: Optional[int] = None  # use only the first N validation images
+    limit: int | None = None  # use only the first N training images
+    val_limit: int | None = None  # use only the first N validation images
     # Hold out the last N training images as the validation split (for tuning without touching the test split).
     holdout: int = 0
     num_workers: int = 2  # loader workers (data.pipeline workers, and feature extraction for the monitor)
@@ -40,13 +40,13 @@ class DataConfig:
     # auto = device for in-memory datasets, split for image files.
     pipeline: Literal["auto", "device", "split", "workers"] = "auto"
     shuffle_buffer: int = 1000  # data.name shards: images in each process's shuffle buffer
-    image_size: Optional[int] = None  # None: the dataset's natural size (28, 32, 96, 224)
+    image_size: int | None = None  # None: the dataset's natural size (28, 32, 96, 224)
     # Long-tailed pretraining split: class c of C keeps its first int(n_max * ratio^(-c / (C - 1))) images
     # (the CIFAR-10-LT convention). 1: balanced. Evaluation splits stay balanced.
     imbalance_ratio: float = 1.0
     # Pretraining only: its first N images (after holdout and limit, before the long-tailed cut); the kNN bank and
     # the probes keep theirs. The balanced twin of a long-tailed run: the same number of images, the same bank.
-    pretrain_limit: Optional[int] = None
+    pretrain_limit: int | None = None
 
     def __post_init__(self):
         if self.shuffle_buffer < 1:
@@ -58,14 +58,14 @@ class AugmentConfig:
     # auto: the method's paper augmentation (BYOL's asymmetric pair for MoCo v3, BYOL, Barlow Twins, VICReg, DINO;
     # MoCo v2's for SimSiam and SimCLR).
     preset: Literal["auto", "simsiam", "byol"] = "auto"
-    min_scale: Optional[float] = None  # RandomResizedCrop lower bound; None: the preset's (0.2 SimSiam, 0.08 BYOL)
+    min_scale: float | None = None  # RandomResizedCrop lower bound; None: the preset's (0.2 SimSiam, 0.08 BYOL)
     color_jitter: float = 1.0  # colour-jitter strength multiplier (0 disables)
-    blur: Optional[bool] = None  # None: on for images >= 64 px (blur at 32 px destroys them)
+    blur: bool | None = None  # None: on for images >= 64 px (blur at 32 px destroys them)
     solarize: bool = True  # BYOL preset only
     hflip: float = 0.5
     # Multi-crop (SwAV, DINO): this many local crops per image after the two global views (batchssl.views).
     local_crops: int = 0
-    local_size: Optional[int] = None  # None: 96/224 of the image size, a multiple of 4 (96 at 224 px, 12 at 28)
+    local_size: int | None = None  # None: 96/224 of the image size, a multiple of 4 (96 at 224 px, 12 at 28)
     local_scale: tuple[float, float] = (0.05, 0.4)  # RandomResizedCrop area range of the local crops
 
     def __post_init__(self):
@@ -88,7 +88,7 @@ class ModelConfig:
     arch: str = "resnet18"
     width: float = 1.0  # channel multiplier for ResNets (0.25 -> 16 stem channels)
     stem: Literal["auto", "cifar", "imagenet"] = "auto"  # auto: cifar for images < 64 px
-    patch_size: Optional[int] = None  # ViT: None -> 4 for small images, 16 otherwise
+    patch_size: int | None = None  # ViT: None -> 4 for small images, 16 otherwise
     freeze_patch_embed: bool = False  # MoCo v3's random-patch-projection trick for ViT stability
 
     def __post_init__(self):
@@ -186,8 +186,8 @@ class TrainConfig:
     batch_size: int = 512  # global batch, split evenly across processes
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     log_every_n_steps: int = 10
-    log_with: Optional[Literal["tensorboard", "wandb"]] = None
-    max_grad_norm: Optional[float] = None
+    log_with: Literal["tensorboard", "wandb"] | None = None
+    max_grad_norm: float | None = None
     channels_last: bool = True  # ResNets and their inputs in channels_last memory format
     # torch.compile: none, the backbone (Module.compile, parameter names unchanged), or the whole method's forward
     compile: Literal["none", "backbone", "model"] = "none"
@@ -287,7 +287,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-    elif tp is str:
+    elif tp is str:  # noqa: SIM102 -- one branch per type, as above
         if isinstance(value, str):
             return value
     raise UserError(f"config key '{key}' expects {_describe(tp)}, got {value!r}")

@@ -388,14 +388,14 @@ def _pretrain_rows(cfg: DataConfig) -> tuple[Dataset, np.ndarray]:
 def pretrain_dataset(cfg: DataConfig) -> Dataset:
     """The pretraining split, untransformed: (PIL image, label) with label -1 for unlabelled images.
 
-    The training split (STL-10: train+unlabeled) minus the last `data.holdout` labelled images, its first
-    `data.limit` images, its first `data.pretrain_limit` images, then with `data.imbalance_ratio` = r > 1 the long-tailed cut: class c of C keeps its
-    first int(n_max * r^(-c / (C - 1))) images in dataset order (n_max: the most frequent class's count before
-    the cut; classes in label order, class 0 the head), the CIFAR-10-LT construction of Cao et al. 2019 (LDAM)
-    used by the long-tailed self-supervised literature (see `long_tail_counts`, `long_tail_rows`). The cut
-    applies to every labelled dataset (Fashion-MNIST, CIFAR-10/100, ImageFolder); STL-10 refuses it (its
-    pretraining images are unlabelled). Only pretraining sees it: `eval_datasets` (kNN bank, probes,
-    validation) stays balanced, the protocol of Jiang et al. 2021 (Self-Damaging Contrastive Learning):
+    The training split (STL-10: train+unlabeled) minus the last `data.holdout` labelled images, its first `data.limit`
+    images, its first `data.pretrain_limit` images, then with `data.imbalance_ratio` = r > 1 the long-tailed cut: class
+    c of C keeps its first int(n_max * r^(-c / (C - 1))) images in dataset order (n_max: the most frequent class's count
+    before the cut; classes in label order, class 0 the head), the CIFAR-10-LT construction of Cao et al. 2019 (LDAM)
+    used by the long-tailed self-supervised literature (see `long_tail_counts`, `long_tail_rows`). The cut applies to
+    every labelled dataset (Fashion-MNIST, CIFAR-10/100, ImageFolder); STL-10 refuses it (its pretraining images are
+    unlabelled). Only pretraining sees it: `eval_datasets` (kNN bank, probes, validation) stays balanced, the protocol
+    of Jiang et al. 2021 (Self-Damaging Contrastive Learning):
     pretrain on the long-tailed subset, evaluate on the balanced splits, report many / medium / few classes.
     """
     base, rows = _pretrain_rows(cfg)
