@@ -48,8 +48,9 @@ def random_images(n: int, channels: int, size: int, seed: int = 0) -> torch.Tens
 def lightly_pairs_per_s(cfg: Config, info, images: torch.Tensor, count: int, repeats: int) -> float:
     array = images.permute(0, 2, 3, 1).numpy()
     array = array[..., 0] if info.in_channels == 1 else array
-    dataset = TwoViews(ArrayImages(np.ascontiguousarray(array), np.zeros(len(array))), view_transforms(cfg, info),
-                       seed=0)
+    dataset = TwoViews(
+        ArrayImages(np.ascontiguousarray(array), np.zeros(len(array))), view_transforms(cfg, info), seed=0
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -64,8 +65,9 @@ def lightly_pairs_per_s(cfg: Config, info, images: torch.Tensor, count: int, rep
     return count / statistics.median(times[1:])
 
 
-def device_pairs_per_s(cfg: Config, info, images: torch.Tensor, batch: int, repeats: int, device: str,
-                       threads: int) -> float:
+def device_pairs_per_s(
+    cfg: Config, info, images: torch.Tensor, batch: int, repeats: int, device: str, threads: int
+) -> float:
     stored = images.to(device)
     views = DeviceViews(cfg, info, global_batch=batch)
     g = torch.Generator().manual_seed(1)
@@ -104,12 +106,16 @@ def main(argv=None) -> None:
     devices = [("cpu", threads) for threads in args.threads]
     if torch.cuda.is_available():
         devices.append(("cuda", cpu_threads))
-    print(f"# torch {torch.__version__}, {os.cpu_count()} CPUs, {cpu_threads} torch threads, "
-          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA'}; recipe: {args.method}, "
-          f"views per image: 2 global + {args.local_crops} local")
+    print(
+        f"# torch {torch.__version__}, {os.cpu_count()} CPUs, {cpu_threads} torch threads, "
+        f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA'}; recipe: {args.method}, "
+        f"views per image: 2 global + {args.local_crops} local"
+    )
     unit = "pairs/s" if args.local_crops == 0 else "images/s"
-    header = f"{'dataset':<14}{'size':>5}{'ch':>4}{'lightly/s':>11}  {'device':<7}{'threads':>8}{'batch':>7}" \
-             f"{unit:>10}{'ratio':>8}"
+    header = (
+        f"{'dataset':<14}{'size':>5}{'ch':>4}{'lightly/s':>11}  {'device':<7}{'threads':>8}{'batch':>7}"
+        f"{unit:>10}{'ratio':>8}"
+    )
     print(header)
     print("-" * len(header))
     for name in args.datasets:
@@ -122,8 +128,11 @@ def main(argv=None) -> None:
         for device, threads in devices:
             for batch in args.batches:
                 ours = device_pairs_per_s(cfg, info, images, batch, repeats, device, threads)
-                print(f"{name:<14}{size:>5}{channels:>4}{lightly:>11,.0f}  {device:<7}{threads:>8}{batch:>7}"
-                      f"{ours:>10,.0f}{ours / lightly:>7.1f}x", flush=True)
+                print(
+                    f"{name:<14}{size:>5}{channels:>4}{lightly:>11,.0f}  {device:<7}{threads:>8}{batch:>7}"
+                    f"{ours:>10,.0f}{ours / lightly:>7.1f}x",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

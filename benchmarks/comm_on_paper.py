@@ -63,6 +63,7 @@ def allgather_bytes(global_size: float, gpus: int) -> float:
 @dataclasses.dataclass
 class Census:
     """What one step of a recipe communicates, per image of the local batch where it scales with the batch."""
+
     trainable_params: int
     key_gathers: list[tuple[float, int, int]]  # (rows per local image, width, bytes per value) per call
     bf_gathers: list[tuple[float, int, int]]
@@ -88,6 +89,7 @@ def census(cfg, local_batch: int = 2) -> Census:
         def gather(x):
             calls.append((x.shape[0] / local_batch, int(x[0].numel()), x.element_size()))
             return original(x)
+
         return gather
 
     def on_bn(module, _, output):
@@ -119,8 +121,11 @@ def h200_round1() -> dict[str, dict[str, float]]:
     for line in H200_LOG.read_text().splitlines():
         match = re.match(r"(simsiam|mocov3)\s+(ours(?: \+ BatchFormer)?)\s+([\d.]+)\s+([\d.]+)\s+.*\s([\d.]+)$", line)
         if match:
-            rows[f"{match[1]} {match[2]}"] = {"ms": float(match[3]), "images_per_s": float(match[4]),
-                                              "gflop": float(match[5])}
+            rows[f"{match[1]} {match[2]}"] = {
+                "ms": float(match[3]),
+                "images_per_s": float(match[4]),
+                "gflop": float(match[5]),
+            }
     return rows
 
 
@@ -129,14 +134,19 @@ def step_seconds(c: Census, global_batch: int, gpus: int, gbps: float, hop_us: f
     grad = ring_allreduce_bytes(4 * c.trainable_params, gpus)
     keys = sum(allgather_bytes(rows * global_batch * width * nbytes, gpus) for rows, width, nbytes in c.key_gathers)
     bf = sum(2 * allgather_bytes(rows * global_batch * width * nbytes, gpus) for rows, width, nbytes in c.bf_gathers)
-    bn = (sum((gpus - 1) * (2 * ch + 1) * 4 for ch in c.bn_forward)
-          + sum(ring_allreduce_bytes(2 * ch * 4, gpus) for ch in c.bn_backward))
+    bn = sum((gpus - 1) * (2 * ch + 1) * 4 for ch in c.bn_forward) + sum(
+        ring_allreduce_bytes(2 * ch * 4, gpus) for ch in c.bn_backward
+    )
     bn_latency = hop_us * 1e-6 * (len(c.bn_forward) * (gpus - 1) + len(c.bn_backward) * 2 * math.log2(gpus))
     seconds = {"grad": grad / link, "keys": keys / link, "bf_gather": bf / link, "sync_bn": bn / link + bn_latency}
     critical = seconds["keys"] + seconds["bf_gather"] + seconds["sync_bn"]
-    return {"bytes": {"grad": grad, "keys": keys, "bf_gather": bf, "sync_bn": bn}, "seconds": seconds,
-            "sync_bn_latency_s": bn_latency, "compute_s": compute_s,
-            "efficiency": compute_s / (max(compute_s, seconds["grad"]) + critical)}
+    return {
+        "bytes": {"grad": grad, "keys": keys, "bf_gather": bf, "sync_bn": bn},
+        "seconds": seconds,
+        "sync_bn_latency_s": bn_latency,
+        "compute_s": compute_s,
+        "efficiency": compute_s / (max(compute_s, seconds["grad"]) + critical),
+    }
 
 
 def cases():
@@ -152,10 +162,17 @@ def cases():
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "comm_on_paper"),
-                        help="output path without suffix (.json and .md are written)")
-    parser.add_argument("--hop-us", type=float, default=5.0,
-                        help="latency of one network hop of a collective, microseconds (InfiniBand: a few)")
+    parser.add_argument(
+        "--out",
+        default=str(REPO / "benchmarks" / "results" / "comm_on_paper"),
+        help="output path without suffix (.json and .md are written)",
+    )
+    parser.add_argument(
+        "--hop-us",
+        type=float,
+        default=5.0,
+        help="latency of one network hop of a collective, microseconds (InfiniBand: a few)",
+    )
     parser.add_argument("--render", metavar="JSON", help="only rewrite the markdown of an earlier run's JSON")
     args = parser.parse_args(argv)
     if args.render:
@@ -174,25 +191,48 @@ def main(argv=None) -> None:
         for gpus in GPUS:
             local = cfg.train.batch_size // gpus
             if local < 2:  # the trainer refuses it: batch norm needs 2 images per process (build.check_batch)
-                results.append({"case": name, "global_batch": cfg.train.batch_size, "gpus": gpus,
-                                "per_gpu_batch": cfg.train.batch_size / gpus, "refused": True})
+                results.append(
+                    {
+                        "case": name,
+                        "global_batch": cfg.train.batch_size,
+                        "gpus": gpus,
+                        "per_gpu_batch": cfg.train.batch_size / gpus,
+                        "refused": True,
+                    }
+                )
                 continue
             per_gpu = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=local))
             flops, _ = step_flops(per_gpu)
             for gbps in LINKS_GBPS:
                 row = step_seconds(c, cfg.train.batch_size, gpus, gbps, args.hop_us, flops / rate)
-                results.append({"case": name, "global_batch": cfg.train.batch_size, "gpus": gpus,
-                                "per_gpu_batch": cfg.train.batch_size / gpus, "link_gbps": gbps,
-                                "step_gflop_per_gpu": flops / 1e9, **row})
-        results[-1]["census"] = {"trainable_params": c.trainable_params, "key_gathers": c.key_gathers,
-                                 "bf_gathers": c.bf_gathers, "bn_forward_calls": len(c.bn_forward),
-                                 "bn_backward_calls": len(c.bn_backward), "bn_forward_channels": sum(c.bn_forward)}
-        print(f"{name}: {c.trainable_params / 1e6:.1f} M trainable, {len(c.key_gathers)} key gathers, "
-              f"{len(c.bf_gathers)} BF gathers, {len(c.bn_forward)} BN calls ({len(c.bn_backward)} with grad)",
-              flush=True)
+                results.append(
+                    {
+                        "case": name,
+                        "global_batch": cfg.train.batch_size,
+                        "gpus": gpus,
+                        "per_gpu_batch": cfg.train.batch_size / gpus,
+                        "link_gbps": gbps,
+                        "step_gflop_per_gpu": flops / 1e9,
+                        **row,
+                    }
+                )
+        results[-1]["census"] = {
+            "trainable_params": c.trainable_params,
+            "key_gathers": c.key_gathers,
+            "bf_gathers": c.bf_gathers,
+            "bn_forward_calls": len(c.bn_forward),
+            "bn_backward_calls": len(c.bn_backward),
+            "bn_forward_channels": sum(c.bn_forward),
+        }
+        print(
+            f"{name}: {c.trainable_params / 1e6:.1f} M trainable, {len(c.key_gathers)} key gathers, "
+            f"{len(c.bf_gathers)} BF gathers, {len(c.bn_forward)} BN calls ({len(c.bn_backward)} with grad)",
+            flush=True,
+        )
     out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps({"hop_us": args.hop_us, "h200_round1": h200,
-                                                    "rows": results}, indent=1) + "\n")
+    out.with_suffix(".json").write_text(
+        json.dumps({"hop_us": args.hop_us, "h200_round1": h200, "rows": results}, indent=1) + "\n"
+    )
     out.with_suffix(".md").write_text(markdown(results, h200, args.hop_us))
     print(f"written {out.with_suffix('.json')} and {out.with_suffix('.md')}")
 
@@ -204,21 +244,26 @@ def markdown(rows: list[dict], h200: dict, hop_us: float) -> str:
         "Per GPU and step; MB sent or received, ms at the link rate (sync BN: + latency at "
         f"{hop_us:g} us per hop). Compute: estimated from FLOPs at the H200's round-1 rate "
         f"(SimSiam {h200['simsiam ours']['ms']} ms, MoCo v3 {h200['mocov3 ours']['ms']} ms for ResNet-18 CIFAR "
-        "batch 512 there). Efficiency: compute / (max(compute, gradients) + keys + BF gather + sync BN).", "",
+        "batch 512 there). Efficiency: compute / (max(compute, gradients) + keys + BF gather + sync BN).",
+        "",
         "| case | GPUs | batch/GPU | link Gb/s | grad MB | keys MB | BF gather MB | sync BN MB | grad ms | keys ms "
         "| BF gather ms | sync BN ms | compute ms (est.) | efficiency |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r.get("refused"):
-            lines.append(f"| {r['case']} | {r['gpus']} | {r['per_gpu_batch']:g} | refused by the trainer: batch norm "
-                         "needs 2 images per GPU |" + " |" * 10)
+            lines.append(
+                f"| {r['case']} | {r['gpus']} | {r['per_gpu_batch']:g} | refused by the trainer: batch norm "
+                "needs 2 images per GPU |" + " |" * 10
+            )
             continue
         b, s = r["bytes"], r["seconds"]
-        lines.append(f"| {r['case']} | {r['gpus']} | {r['per_gpu_batch']:g} | {r['link_gbps']} | {mb(b['grad'])} | "
-                     f"{mb(b['keys'])} | {mb(b['bf_gather'])} | {mb(b['sync_bn'])} | {ms(s['grad'])} | "
-                     f"{ms(s['keys'])} | {ms(s['bf_gather'])} | {ms(s['sync_bn'])} | {ms(r['compute_s'])} | "
-                     f"{r['efficiency']:.2f} |")
+        lines.append(
+            f"| {r['case']} | {r['gpus']} | {r['per_gpu_batch']:g} | {r['link_gbps']} | {mb(b['grad'])} | "
+            f"{mb(b['keys'])} | {mb(b['bf_gather'])} | {mb(b['sync_bn'])} | {ms(s['grad'])} | "
+            f"{ms(s['keys'])} | {ms(s['bf_gather'])} | {ms(s['sync_bn'])} | {ms(r['compute_s'])} | "
+            f"{r['efficiency']:.2f} |"
+        )
     return "\n".join(lines + findings(rows)) + "\n"
 
 
@@ -230,8 +275,12 @@ def findings(rows: list[dict]) -> list[str]:
 
     def exposed(r):  # the gradients count only beyond the compute they overlap with
         s = r["seconds"]
-        return {"grad": max(0.0, s["grad"] - r["compute_s"]), "keys": s["keys"], "bf_gather": s["bf_gather"],
-                "sync_bn": s["sync_bn"]}
+        return {
+            "grad": max(0.0, s["grad"] - r["compute_s"]),
+            "keys": s["keys"],
+            "bf_gather": s["bf_gather"],
+            "sync_bn": s["sync_bn"],
+        }
 
     out = ["", "Where communication limits scaling (from the rows above):", ""]
     for gpus in GPUS:
@@ -239,14 +288,18 @@ def findings(rows: list[dict]) -> list[str]:
         tops = [max(exposed(r).items(), key=lambda kv: kv[1])[0] for r in at]
         counts = ", ".join(f"{names[k]} in {tops.count(k)}" for k in names if tops.count(k))
         effs = [r["efficiency"] for r in at]
-        out.append(f"- {gpus} GPUs: largest exposed cost {counts} of {len(at)} rows; efficiency "
-                   f"{min(effs):.2f} to {max(effs):.2f}.")
+        out.append(
+            f"- {gpus} GPUs: largest exposed cost {counts} of {len(at)} rows; efficiency "
+            f"{min(effs):.2f} to {max(effs):.2f}."
+        )
     for key in ("bf_gather", "keys", "sync_bn"):
         worst = max(rows, key=lambda r: r["seconds"][key] / r["compute_s"])
         share = worst["seconds"][key] / worst["compute_s"]
-        out.append(f"- {names[key]}: at most {share:.2f}x a step's compute ({worst['case']}, {worst['gpus']} GPUs, "
-                   f"{worst['link_gbps']} Gb/s: {worst['seconds'][key] * 1e3:.1f} ms against "
-                   f"{worst['compute_s'] * 1e3:.1f} ms).")
+        out.append(
+            f"- {names[key]}: at most {share:.2f}x a step's compute ({worst['case']}, {worst['gpus']} GPUs, "
+            f"{worst['link_gbps']} Gb/s: {worst['seconds'][key] * 1e3:.1f} ms against "
+            f"{worst['compute_s'] * 1e3:.1f} ms)."
+        )
     return out
 
 

@@ -69,11 +69,15 @@ def main() -> None:
         values = step(i, warm_views)
     sync(values)
     synthetic = time.perf_counter() - start
-    print(f"{accelerator.device} ({torch.cuda.get_device_name() if accelerator.device.type == 'cuda' else 'CPU'}), "
-          f"precision {precision}, {args.images} images of {info.image_size} px, batch {cfg.train.batch_size}, "
-          f"{cfg.model.arch} {cfg.method.name}{' + BatchFormer' if cfg.batchformer.enabled else ''}")
-    print(f"real-data epoch ({steps} steps, views made on the device): {real:.2f} s, "
-          f"{steps * cfg.train.batch_size / real:.0f} images/s")
+    print(
+        f"{accelerator.device} ({torch.cuda.get_device_name() if accelerator.device.type == 'cuda' else 'CPU'}), "
+        f"precision {precision}, {args.images} images of {info.image_size} px, batch {cfg.train.batch_size}, "
+        f"{cfg.model.arch} {cfg.method.name}{' + BatchFormer' if cfg.batchformer.enabled else ''}"
+    )
+    print(
+        f"real-data epoch ({steps} steps, views made on the device): {real:.2f} s, "
+        f"{steps * cfg.train.batch_size / real:.0f} images/s"
+    )
     print(f"synthetic (fixed views, same steps): {synthetic:.2f} s; real / synthetic step rate {synthetic / real:.3f}x")
 
 

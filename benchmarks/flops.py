@@ -24,8 +24,9 @@ def step_flops(cfg: Config, total_steps: int = 10_000) -> tuple[float, float | N
     counter = FlopCounterMode(display=False, depth=None)
     with counter:
         method(views, 1, total_steps)["loss"].backward()
-    layer = [sum(ops.values()) for name, ops in counter.get_flop_counts().items()
-             if name.endswith(".batchformer.layer")]
+    layer = [
+        sum(ops.values()) for name, ops in counter.get_flop_counts().items() if name.endswith(".batchformer.layer")
+    ]
     return float(counter.get_total_flops()), (float(layer[0]) if layer else None)
 
 
@@ -38,8 +39,9 @@ def batchformer_flops_closed_form(cfg: Config, feature_dim: int) -> float:
     ffn = width  # batchssl.batchformer: dim_feedforward = dim
 
     def layer_macs(tokens: int) -> int:
-        return tokens * width * 3 * width + tokens * width * width + 2 * tokens * tokens * width \
-            + 2 * tokens * width * ffn
+        return (
+            tokens * width * 3 * width + tokens * width * width + 2 * tokens * tokens * width + 2 * tokens * width * ffn
+        )
 
     macs = layer_macs(2 * n) if bf.scope == "joint" else 2 * layer_macs(n)
     return 3 * 2 * float(macs)

@@ -47,7 +47,7 @@ def make_features(n: int, m: int, dim: int, num_classes: int, noise: float, seed
 
     def draw(count: int):
         labels = torch.randint(0, num_classes, (count,), generator=g)
-        feats = centers[labels] + noise * torch.randn(count, dim, generator=g) / dim ** 0.5
+        feats = centers[labels] + noise * torch.randn(count, dim, generator=g) / dim**0.5
         return F.normalize(feats, dim=1), labels
 
     return (*draw(n), *draw(m))
@@ -60,47 +60,74 @@ def run_method(method: str, bank, bank_labels, queries, query_labels, args) -> t
         from batchssl.eval.knn import knn_classify, knn_predict_scores
 
         def timed():
-            knn_classify(bank, bank_labels, queries, query_labels, ks=(args.k,), temperature=args.t,
-                         num_classes=args.classes, batch_size=args.batch_size)
+            knn_classify(
+                bank,
+                bank_labels,
+                queries,
+                query_labels,
+                ks=(args.k,),
+                temperature=args.t,
+                num_classes=args.classes,
+                batch_size=args.batch_size,
+            )
 
         def predict():
-            return knn_predict_scores(bank, bank_labels, queries, k=args.k, temperature=args.t,
-                                      num_classes=args.classes, batch_size=args.batch_size).argmax(1)
+            return knn_predict_scores(
+                bank,
+                bank_labels,
+                queries,
+                k=args.k,
+                temperature=args.t,
+                num_classes=args.classes,
+                batch_size=args.batch_size,
+            ).argmax(1)
+
         return timed, predict
 
     if method == "lightly":
         from lightly.utils.benchmarking import knn_predict
 
         def predict():
-            return torch.cat([knn_predict(queries[i:i + args.batch_size], bank.T, bank_labels, args.classes,
-                                          knn_k=args.k, knn_t=args.t)[:, 0] for i in n_batches])
+            return torch.cat(
+                [
+                    knn_predict(
+                        queries[i : i + args.batch_size], bank.T, bank_labels, args.classes, knn_k=args.k, knn_t=args.t
+                    )[:, 0]
+                    for i in n_batches
+                ]
+            )
+
         return predict, predict
 
     if method == "matmul":
+
         def predict():
             out = []
             for i in n_batches:
-                sims, idx = (queries[i:i + args.batch_size] @ bank.T).topk(args.k, dim=1)
+                sims, idx = (queries[i : i + args.batch_size] @ bank.T).topk(args.k, dim=1)
                 weights = torch.exp((sims - sims[:, :1]) / args.t)
                 scores = torch.zeros(len(sims), args.classes).scatter_add_(1, bank_labels[idx], weights)
                 out.append(scores.argmax(1))
             return torch.cat(out)
+
         return predict, predict
 
     buffer = torch.empty(args.batch_size, len(bank))
 
     def ceiling():
         for i in n_batches:
-            q = queries[i:i + args.batch_size]
-            torch.mm(q, bank.T, out=buffer[:len(q)])
+            q = queries[i : i + args.batch_size]
+            torch.mm(q, bank.T, out=buffer[: len(q)])
+
     return ceiling, lambda: None
 
 
 def worker(args) -> None:
     """One timed run of one method in this fresh process; saves its predictions when asked."""
     data = Path(args.data)
-    bank, bank_labels, queries, query_labels = (torch.from_numpy(np.load(data / f"{name}.npy"))
-                                                for name in ("bank", "bank_labels", "queries", "query_labels"))
+    bank, bank_labels, queries, query_labels = (
+        torch.from_numpy(np.load(data / f"{name}.npy")) for name in ("bank", "bank_labels", "queries", "query_labels")
+    )
     timed, predict = run_method(args.worker, bank, bank_labels, queries, query_labels, args)
     Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS, the inputs loaded
     base = _proc_status_kib("VmRSS")
@@ -120,8 +147,22 @@ def _proc_status_kib(field: str) -> int:
 
 
 def measure(method: str, data: Path, args, save_predictions: bool) -> dict:
-    cmd = [sys.executable, __file__, "--worker", method, "--data", str(data), "--k", str(args.k), "--t", str(args.t),
-           "--classes", str(args.classes), "--batch-size", str(args.batch_size)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        method,
+        "--data",
+        str(data),
+        "--k",
+        str(args.k),
+        "--t",
+        str(args.t),
+        "--classes",
+        str(args.classes),
+        "--batch-size",
+        str(args.batch_size),
+    ]
     done = subprocess.run(cmd + ["--save-predictions"] * save_predictions, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{method} failed:\n{done.stderr}")
@@ -136,9 +177,13 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--k", type=int, default=200)
     parser.add_argument("--t", type=float, default=0.1, help="temperature")
-    parser.add_argument("--noise", type=float, default=4.0,
-                        help="cluster spread at D=128, relative to the centres' norm; scaled by (D / 128) ** 0.4 so "
-                             "that top-1 stays at 80-90 %% at every D (high D would otherwise separate the clusters)")
+    parser.add_argument(
+        "--noise",
+        type=float,
+        default=4.0,
+        help="cluster spread at D=128, relative to the centres' norm; scaled by (D / 128) ** 0.4 so "
+        "that top-1 stays at 80-90 %% at every D (high D would otherwise separate the clusters)",
+    )
     parser.add_argument("--batch-size", type=int, default=4096, help="queries per batch, every method")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
@@ -149,9 +194,11 @@ def main() -> None:
         worker(args)
         return
 
-    print(f"bank N={args.n}, queries M={args.m}, k={args.k}, T={args.t}, {args.classes} classes, query batch "
-          f"{args.batch_size}, median of {args.repeats}; torch threads {torch.get_num_threads()}, "
-          f"load average {os.getloadavg()[0]:.2f}")
+    print(
+        f"bank N={args.n}, queries M={args.m}, k={args.k}, T={args.t}, {args.classes} classes, query batch "
+        f"{args.batch_size}, median of {args.repeats}; torch threads {torch.get_num_threads()}, "
+        f"load average {os.getloadavg()[0]:.2f}"
+    )
     header = f"{'D':>5} {'method':<8} {'seconds':>8} {'GFLOP/s':>8} {'peak MiB':>9} {'agree %':>8}  ratios"
     print(header)
     print("-" * len(header))
@@ -160,16 +207,25 @@ def main() -> None:
         bank, bank_labels, queries, query_labels = make_features(args.n, args.m, dim, args.classes, noise)
         with tempfile.TemporaryDirectory() as tmp:
             data = Path(tmp)
-            for name, array in (("bank", bank), ("bank_labels", bank_labels), ("queries", queries),
-                                ("query_labels", query_labels)):
+            for name, array in (
+                ("bank", bank),
+                ("bank_labels", bank_labels),
+                ("queries", queries),
+                ("query_labels", query_labels),
+            ):
                 np.save(data / f"{name}.npy", array.numpy())
             # Round robin over the methods, so that load from other work on the machine hits them all alike.
             runs = {method: [] for method in METHODS}
             for repeat in range(args.repeats):
                 for method in METHODS:
                     runs[method].append(measure(method, data, args, save_predictions=repeat == 0))
-            results = {method: {"seconds": statistics.median(r["seconds"] for r in rs),
-                                "peak_mib": max(r["peak_mib"] for r in rs)} for method, rs in runs.items()}
+            results = {
+                method: {
+                    "seconds": statistics.median(r["seconds"] for r in rs),
+                    "peak_mib": max(r["peak_mib"] for r in rs),
+                }
+                for method, rs in runs.items()
+            }
             preds = {method: np.load(data / f"pred_{method}.npy") for method in ("ours", "lightly", "matmul")}
         flops = 2 * args.n * args.m * dim
         ours, lightly, ceiling = (results[m]["seconds"] for m in ("ours", "lightly", "ceiling"))
@@ -178,10 +234,14 @@ def main() -> None:
             ratio = ""
             if method == "ours":
                 accuracy = 100 * np.mean(preds["ours"] == query_labels.numpy())
-                ratio = (f"{lightly / ours:.2f}x lightly's speed, {ceiling / ours:.2f}x the ceiling's "
-                         f"(top-1 {accuracy:.1f} %)")
-            print(f"{dim:>5} {method:<8} {r['seconds']:8.3f} {flops / r['seconds'] / 1e9:8.1f} "
-                  f"{r['peak_mib']:9.0f} {agree}  {ratio}")
+                ratio = (
+                    f"{lightly / ours:.2f}x lightly's speed, {ceiling / ours:.2f}x the ceiling's "
+                    f"(top-1 {accuracy:.1f} %)"
+                )
+            print(
+                f"{dim:>5} {method:<8} {r['seconds']:8.3f} {flops / r['seconds'] / 1e9:8.1f} "
+                f"{r['peak_mib']:9.0f} {agree}  {ratio}"
+            )
     print(f"load average at the end {os.getloadavg()[0]:.2f} (other work on this machine skews timings)")
 
 

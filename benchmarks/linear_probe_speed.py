@@ -37,45 +37,71 @@ def main() -> None:
     parser.add_argument("--base-lr", type=float, default=0.1, help="MoCo v3's linear-probe lr for ResNets")
     parser.add_argument("--raw-features", action="store_true")
     parser.add_argument("--crop", choices=PROBE_CROPS, default="auto")
-    parser.add_argument("--set", nargs="*", default=[], metavar="key=value",
-                        help="config overrides; data.holdout=10000 compares probe settings without the test split")
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="key=value",
+        help="config overrides; data.holdout=10000 compares probe settings without the test split",
+    )
     parser.add_argument("--num-workers", type=int, default=1)
     args = parser.parse_args()
 
     frozen = load_frozen(FrozenSource(run=args.run, overrides=args.set))
     train, val = eval_datasets(frozen.cfg.data)
     test_set = Transformed(val, eval_transform(frozen.info))
-    print(f"run {args.run}: {frozen.cfg.model.arch} width {frozen.cfg.model.width}, train {len(train)}, "
-          f"validation {len(val)}; torch threads {torch.get_num_threads()}")
+    print(
+        f"run {args.run}: {frozen.cfg.model.arch} width {frozen.cfg.model.width}, train {len(train)}, "
+        f"validation {len(val)}; torch threads {torch.get_num_threads()}"
+    )
 
     start = time.perf_counter()
-    train_x, train_y = extract_features(frozen.backbone, Transformed(train, eval_transform(frozen.info)),
-                                        batch_size=512, num_workers=args.num_workers)
+    train_x, train_y = extract_features(
+        frozen.backbone, Transformed(train, eval_transform(frozen.info)), batch_size=512, num_workers=args.num_workers
+    )
     test_x, test_y = extract_features(frozen.backbone, test_set, batch_size=512, num_workers=args.num_workers)
     features_s = time.perf_counter() - start
     fit, held = train_val_split(train_y, 0.1, 0)
-    cached = train_cached_probes(train_x[fit], train_y[fit], train_x[held], train_y[held], test_x, test_y,
-                                 frozen.info.num_classes, CachedProbeSettings(epochs=args.cached_epochs))
+    cached = train_cached_probes(
+        train_x[fit],
+        train_y[fit],
+        train_x[held],
+        train_y[held],
+        test_x,
+        test_y,
+        frozen.info.num_classes,
+        CachedProbeSettings(epochs=args.cached_epochs),
+    )
     cached_s = time.perf_counter() - start
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as ckpt:
         augmented = train_augmented_probe(
-            frozen.backbone, Transformed(train, probe_train_transform(frozen.info, args.crop)), test_set,
-            frozen.info.num_classes, frozen.feature_dim,
-            AugmentedProbeSettings(epochs=args.epochs, batch_size=args.batch_size, base_lr=args.base_lr,
-                                   standardize=not args.raw_features),
-            num_workers=args.num_workers, checkpoint_dir=ckpt)
+            frozen.backbone,
+            Transformed(train, probe_train_transform(frozen.info, args.crop)),
+            test_set,
+            frozen.info.num_classes,
+            frozen.feature_dim,
+            AugmentedProbeSettings(
+                epochs=args.epochs, batch_size=args.batch_size, base_lr=args.base_lr, standardize=not args.raw_features
+            ),
+            num_workers=args.num_workers,
+            checkpoint_dir=ckpt,
+        )
     augmented_s = time.perf_counter() - start
 
     print(f"{'probe':<34} {'seconds':>9} {'top-1':>7}")
-    print(f"{'cached (' + str(args.cached_epochs) + ' ep, lr grid, features incl.)':<34} {cached_s:>9.1f} "
-          f"{cached['test_top1']:>7.2f}   (features {features_s:.1f} s; lr {cached['lr']:g} chosen on held-out train)")
+    print(
+        f"{'cached (' + str(args.cached_epochs) + ' ep, lr grid, features incl.)':<34} {cached_s:>9.1f} "
+        f"{cached['test_top1']:>7.2f}   (features {features_s:.1f} s; lr {cached['lr']:g} chosen on held-out train)"
+    )
     label = f"augmented ({args.epochs} ep, {args.crop} crop, lr {augmented['lr']:g})"
     print(f"{label:<34} {augmented_s:>9.1f} {augmented['top1']:>7.2f}")
     difference = cached["test_top1"] - augmented["top1"]
-    print(f"cached is {augmented_s / cached_s:.1f}x faster; top-1 difference {difference:+.2f} points "
-          "(targets: >= 20x, within 1 point)")
+    print(
+        f"cached is {augmented_s / cached_s:.1f}x faster; top-1 difference {difference:+.2f} points "
+        "(targets: >= 20x, within 1 point)"
+    )
 
 
 if __name__ == "__main__":

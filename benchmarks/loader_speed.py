@@ -52,8 +52,9 @@ def timed(fn) -> float:
 
 def loader_rates(root: str, size: int, images: int, repeats: int, method: str) -> dict[str, float]:
     """Pairs/s of each path at `size` px over the first `images` of one epoch's order."""
-    cfg = load_config(RECIPE, [f"data.root={root}", f"data.image_size={size}", f"train.batch_size={images}",
-                               f"method.name={method}"])
+    cfg = load_config(
+        RECIPE, [f"data.root={root}", f"data.image_size={size}", f"train.batch_size={images}", f"method.name={method}"]
+    )
     info = dataset_info(cfg.data)
     workers = TwoViews(pretrain_dataset(cfg.data), view_transforms(cfg, info), cfg.seed)
     device = DeviceViews(cfg, info, global_batch=images)
@@ -125,11 +126,24 @@ def train_rates(root: str, size: int, epochs: int, workers: int, repeats: int) -
     for _ in range(repeats):
         for pipeline in rates:
             with tempfile.TemporaryDirectory() as out:
-                argv = ["pretrain.py", "--config", str(RECIPE), f"data.root={root}", f"data.image_size={size}",
-                        f"data.pipeline={pipeline}", f"data.num_workers={workers}", "model.arch=resnet18",
-                        "model.width=0.25", "train.batch_size=32", f"train.epochs={epochs}",
-                        "train.log_every_n_steps=2", "monitor.enabled=false", "optim.warmup_epochs=0",
-                        "checkpoint.every_n_epochs=1000", f"output_dir={out}"]
+                argv = [
+                    "pretrain.py",
+                    "--config",
+                    str(RECIPE),
+                    f"data.root={root}",
+                    f"data.image_size={size}",
+                    f"data.pipeline={pipeline}",
+                    f"data.num_workers={workers}",
+                    "model.arch=resnet18",
+                    "model.width=0.25",
+                    "train.batch_size=32",
+                    f"train.epochs={epochs}",
+                    "train.log_every_n_steps=2",
+                    "monitor.enabled=false",
+                    "optim.warmup_epochs=0",
+                    "checkpoint.every_n_epochs=1000",
+                    f"output_dir={out}",
+                ]
                 result = subprocess.run([sys.executable, *argv], cwd=repo, capture_output=True, text=True)
                 if result.returncode != 0:
                     raise SystemExit(f"pretrain.py (data.pipeline={pipeline}) failed:\n{result.stderr[-3000:]}")
@@ -147,8 +161,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--method", default="mocov3", choices=["mocov3", "simsiam"])
     parser.add_argument("--decoders", action="store_true", help="also time each JPEG decoder alone")
-    parser.add_argument("--train", action="store_true", help="only the trainer's images/s end to end, per pipeline "
-                        "(pretrain.py, ResNet-18 x0.25, batch 32, --workers loader workers)")
+    parser.add_argument(
+        "--train",
+        action="store_true",
+        help="only the trainer's images/s end to end, per pipeline "
+        "(pretrain.py, ResNet-18 x0.25, batch 32, --workers loader workers)",
+    )
     parser.add_argument("--workers", type=int, default=2, help="--train: loader workers (default 2)")
     parser.add_argument("--epochs", type=int, default=2, help="--train: epochs per run (default 2)")
     args = parser.parse_args()
@@ -156,16 +174,20 @@ def main() -> None:
         print(f"pretrain.py median images/s, {args.workers} loader workers, median of {args.repeats} runs each")
         for size in args.sizes:
             r = train_rates(args.root, size, args.epochs, args.workers, args.repeats)
-            print(f"{size:4d} px  workers (lightly) {r['workers']:7.1f}  split {r['split']:7.1f}  "
-                  f"ratio {r['split'] / r['workers']:5.2f}")
+            print(
+                f"{size:4d} px  workers (lightly) {r['workers']:7.1f}  split {r['split']:7.1f}  "
+                f"ratio {r['split'] / r['workers']:5.2f}"
+            )
         return
     torch.set_num_threads(1)
     print(f"pairs/s on one core, median of {args.repeats}; {args.images} images of {args.root}, {args.method} views")
     for size in args.sizes:
         r = loader_rates(args.root, size, args.images, args.repeats, args.method)
-        print(f"{size:4d} px  lightly {r['lightly']:7.1f}  split {r['split']:7.1f}  split-full {r['split-full']:7.1f}"
-              f"  ratio split/lightly {r['split'] / r['lightly']:5.2f}  (split device part on the CPU: "
-              f"{r['split device']:7.1f} pairs/s)")
+        print(
+            f"{size:4d} px  lightly {r['lightly']:7.1f}  split {r['split']:7.1f}  split-full {r['split-full']:7.1f}"
+            f"  ratio split/lightly {r['split'] / r['lightly']:5.2f}  (split device part on the CPU: "
+            f"{r['split device']:7.1f} pairs/s)"
+        )
     if args.decoders:
         print("decode only, images/s on one core:")
         for name, rate in decoder_rates(args.root, args.images, args.repeats).items():

@@ -62,8 +62,7 @@ def few_classes(lt_counts: list[int]) -> list[int]:
 def scores(per_class: list[float | None], few: list[int]) -> dict:
     """{"few": mean accuracy over `few`, "class_std": population std of the per-class accuracies}."""
     scored = [a for a in per_class if a is not None]
-    return {"few": statistics.fmean(per_class[c] for c in few),
-            "class_std": statistics.pstdev(scored)}
+    return {"few": statistics.fmean(per_class[c] for c in few), "class_std": statistics.pstdev(scored)}
 
 
 def stored_knn(directory: Path) -> dict | None:
@@ -91,9 +90,24 @@ def knn_result(directory: Path) -> dict:
     """k = 200 of `python -m knn_eval` on the run (computed once, then read from knn.json)."""
     if stored_knn(directory) is None:
         with open(directory.parent / f"{directory.name}.log", "a") as log:
-            subprocess.run([sys.executable, "-m", "knn_eval", "--run", str(directory), "--k", str(KNN_K),
-                            "--temperature", str(KNN_T)], cwd=REPO, check=True, env=JOB_ENV, stdout=log,
-                           stderr=subprocess.STDOUT)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "knn_eval",
+                    "--run",
+                    str(directory),
+                    "--k",
+                    str(KNN_K),
+                    "--temperature",
+                    str(KNN_T),
+                ],
+                cwd=REPO,
+                check=True,
+                env=JOB_ENV,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
     return stored_knn(directory)
 
 
@@ -142,11 +156,17 @@ def plot(rows: list[dict], path: Path, images: int, splits: list[str]) -> None:
     methods = list(dict.fromkeys(r["method"] for r in rows))
     for ax, metric, title in ((axes[0], "knn_top1", "kNN top-1"), (axes[1], "knn_few", "kNN, few classes (7-9)")):
         for j, split in enumerate(splits):
-            found = [(i, r[metric]) for i, m in enumerate(methods)
-                     for r in rows if r["method"] == m and r["split"] == split]
-            ax.bar([i + 0.38 * j for i, _ in found], [statistics.fmean(v) for _, v in found], 0.38,
-                   yerr=[statistics.stdev(v) if len(v) > 1 else 0 for _, v in found], capsize=3,
-                   label=f"{SPLIT_LABELS[split]} ({seed_counts(rows, split)})")
+            found = [
+                (i, r[metric]) for i, m in enumerate(methods) for r in rows if r["method"] == m and r["split"] == split
+            ]
+            ax.bar(
+                [i + 0.38 * j for i, _ in found],
+                [statistics.fmean(v) for _, v in found],
+                0.38,
+                yerr=[statistics.stdev(v) if len(v) > 1 else 0 for _, v in found],
+                capsize=3,
+                label=f"{SPLIT_LABELS[split]} ({seed_counts(rows, split)})",
+            )
         ax.set_xticks([i + 0.19 for i in range(len(methods))], methods)
         ax.set_title(title)
         ax.set_ylabel("%")
@@ -163,11 +183,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--splits", nargs="+", choices=list(SPLITS), default=list(SPLITS),
-                        help="pretraining splits (default both: the study compares them)")
-    parser.add_argument("--finished-only", action="store_true",
-                        help="start nothing: tabulate the runs whose pretraining and evaluations are written "
-                             "(each row says its seeds), e.g. while other seeds still train")
+    parser.add_argument(
+        "--splits",
+        nargs="+",
+        choices=list(SPLITS),
+        default=list(SPLITS),
+        help="pretraining splits (default both: the study compares them)",
+    )
+    parser.add_argument(
+        "--finished-only",
+        action="store_true",
+        help="start nothing: tabulate the runs whose pretraining and evaluations are written "
+        "(each row says its seeds), e.g. while other seeds still train",
+    )
     add_run_arguments(parser, "long_tail")
     args = parser.parse_args(argv)
     out, overrides = prepare_runs(args)
@@ -189,8 +217,9 @@ def main(argv: list[str] | None = None) -> None:
     else:
         with ThreadPoolExecutor(max(1, args.jobs)) as pool:
             results = dict(zip(jobs, pool.map(one, jobs)))
-    seeds = {(m, s): [seed for seed in args.seeds if (m, s, seed) in results]
-             for m in args.methods for s in args.splits}
+    seeds = {
+        (m, s): [seed for seed in args.seeds if (m, s, seed) in results] for m in args.methods for s in args.splits
+    }
     seeds = {key: value for key, value in seeds.items() if value}
     if not seeds:
         sys.exit(f"no finished run in {out} for {args.methods} x {args.splits} x seeds {args.seeds}")
@@ -204,20 +233,35 @@ def main(argv: list[str] | None = None) -> None:
     rows = summarise(runs, few, seeds)
 
     split_name = f"held-out last {args.holdout}" if args.holdout else "test split"
-    print(f"\nFashion-MNIST-LT (ratio 100) vs balanced of the same size; scored on the {split_name}; seeds "
-          f"{args.seeds}; few = classes {few}; overrides {overrides or 'none'}")
-    print(f"{'method':<12} {'split':<9} {'seeds':<7} {'kNN top-1':>14} {'kNN few':>14} {'kNN cls std':>12} "
-          f"{'linear top-1':>14} {'linear few':>14}")
+    print(
+        f"\nFashion-MNIST-LT (ratio 100) vs balanced of the same size; scored on the {split_name}; seeds "
+        f"{args.seeds}; few = classes {few}; overrides {overrides or 'none'}"
+    )
+    print(
+        f"{'method':<12} {'split':<9} {'seeds':<7} {'kNN top-1':>14} {'kNN few':>14} {'kNN cls std':>12} "
+        f"{'linear top-1':>14} {'linear few':>14}"
+    )
     for r in rows:
-        print(f"{r['method'] + args.tag:<12} {r['split']:<9} {','.join(map(str, r['seeds'])):<7} "
-              f"{mean_std(r['knn_top1']):>14} {mean_std(r['knn_few']):>14} {mean_std(r['knn_class_std']):>12} "
-              f"{mean_std(r['linear_top1']):>14} {mean_std(r['linear_few']):>14}")
+        print(
+            f"{r['method'] + args.tag:<12} {r['split']:<9} {','.join(map(str, r['seeds'])):<7} "
+            f"{mean_std(r['knn_top1']):>14} {mean_std(r['knn_few']):>14} {mean_std(r['knn_class_std']):>12} "
+            f"{mean_std(r['linear_top1']):>14} {mean_std(r['linear_few']):>14}"
+        )
     effects = bf_effects(rows, METRICS, same=("split",))
     print_bf_effects(effects, METRICS, same=("split",))
-    (out / f"long_tail{args.tag}.json").write_text(json.dumps(
-        {"rows": rows, "bf_vs_plain": effects, "few_classes": few, "lt_counts": lt_counts, "seeds": args.seeds,
-         "overrides": overrides},
-        indent=1))
+    (out / f"long_tail{args.tag}.json").write_text(
+        json.dumps(
+            {
+                "rows": rows,
+                "bf_vs_plain": effects,
+                "few_classes": few,
+                "lt_counts": lt_counts,
+                "seeds": args.seeds,
+                "overrides": overrides,
+            },
+            indent=1,
+        )
+    )
     plot(rows, out / f"long_tail{args.tag}.png", sum(lt_counts), args.splits)
     print(f"written {out / f'long_tail{args.tag}.json'} and {out / f'long_tail{args.tag}.png'}")
 

@@ -59,8 +59,15 @@ def pretrain(recipe: str, seed: int, directory: Path, overrides: list[str]) -> f
     timing = directory / "timing.json"
     if timing.is_file():
         return json.loads(timing.read_text())["pretrain_seconds"]
-    cmd = [sys.executable, "pretrain.py", "--config", f"recipes/fashion_mnist/{recipe}.yaml", f"seed={seed}",
-           f"output_dir={directory}", *overrides]
+    cmd = [
+        sys.executable,
+        "pretrain.py",
+        "--config",
+        f"recipes/fashion_mnist/{recipe}.yaml",
+        f"seed={seed}",
+        f"output_dir={directory}",
+        *overrides,
+    ]
     print(f"$ {' '.join(cmd)}", flush=True)  # one string: runs started at once must not interleave it
     start = time.perf_counter()
     with open(directory.parent / f"{directory.name}.log", "w") as log:  # beside the run: its errors, if any
@@ -88,8 +95,14 @@ def linear_probe(directory: Path) -> float:
     path = directory / "linear_probe.json"
     if cached_probe_top1(path) is None:
         with open(directory.parent / f"{directory.name}.log", "a") as log:  # after the pretraining's output
-            subprocess.run([sys.executable, "-m", "linear_probe", "--run", str(directory)], cwd=REPO, check=True,
-                           env=JOB_ENV, stdout=log, stderr=subprocess.STDOUT)
+            subprocess.run(
+                [sys.executable, "-m", "linear_probe", "--run", str(directory)],
+                cwd=REPO,
+                check=True,
+                env=JOB_ENV,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
     return cached_probe_top1(path)
 
 
@@ -119,19 +132,30 @@ def floors(recipe: str, seeds: list[int], overrides: list[str]) -> dict:
     bank, val = Transformed(bank, transform), Transformed(val, transform)
 
     def knn(bank_x, bank_y, val_x, val_y) -> float:
-        return knn_classify(bank_x, bank_y, val_x, val_y, ks=[cfg.monitor.k], temperature=cfg.monitor.temperature,
-                            num_classes=info.num_classes)[cfg.monitor.k]["top1"]
+        return knn_classify(
+            bank_x,
+            bank_y,
+            val_x,
+            val_y,
+            ks=[cfg.monitor.k],
+            temperature=cfg.monitor.temperature,
+            num_classes=info.num_classes,
+        )[cfg.monitor.k]["top1"]
 
     pixels = torch.nn.Flatten()
-    result = {"raw_pixels": knn(*extract_features(pixels, bank, batch_size=1024),
-                                *extract_features(pixels, val, batch_size=1024))}
+    result = {
+        "raw_pixels": knn(
+            *extract_features(pixels, bank, batch_size=1024), *extract_features(pixels, val, batch_size=1024)
+        )
+    }
     random_init = []
     for seed in seeds:
         torch.manual_seed(seed)
         backbone, _ = build_backbone(cfg.model, info.in_channels, info.image_size)
         backbone.to("cuda" if torch.cuda.is_available() else "cpu")
-        random_init.append(knn(*extract_features(backbone, bank, batch_size=512),
-                               *extract_features(backbone, val, batch_size=512)))
+        random_init.append(
+            knn(*extract_features(backbone, bank, batch_size=512), *extract_features(backbone, val, batch_size=512))
+        )
     result["random_init"] = random_init
     return result
 
@@ -150,8 +174,10 @@ def bf_effects(rows: list[dict], metrics: list[str], same: tuple[str, ...] = ())
             continue
         effect = {"method": method, **dict(zip(same, rest))}
         for metric in metrics:
-            effect[metric] = {"difference": statistics.fmean(with_bf[metric]) - statistics.fmean(plain[metric]),
-                              "welch_p": float(ttest_ind(with_bf[metric], plain[metric], equal_var=False).pvalue)}
+            effect[metric] = {
+                "difference": statistics.fmean(with_bf[metric]) - statistics.fmean(plain[metric]),
+                "welch_p": float(ttest_ind(with_bf[metric], plain[metric], equal_var=False).pvalue),
+            }
         effects.append(effect)
     return effects
 
@@ -162,8 +188,11 @@ def print_bf_effects(effects: list[dict], metrics: list[str], same: tuple[str, .
     print("\nBatchFormer minus plain, difference of the means (Welch's two-sided p over the seeds)")
     print(f"{'method':<12} " + "".join(f"{f:<9} " for f in same) + " ".join(f"{m:>18}" for m in metrics))
     for e in effects:
-        print(f"{e['method']:<12} " + "".join(f"{e[f]:<9} " for f in same) + " ".join(
-            f"{e[m]['difference']:+7.2f} (p {e[m]['welch_p']:.3f})" for m in metrics))
+        print(
+            f"{e['method']:<12} "
+            + "".join(f"{e[f]:<9} " for f in same)
+            + " ".join(f"{e[m]['difference']:+7.2f} (p {e[m]['welch_p']:.3f})" for m in metrics)
+        )
 
 
 def mean_std(values: list[float]) -> str:
@@ -195,8 +224,14 @@ def plot(curves: dict[str, list[list[tuple[int, float]]]], floor: dict, path: Pa
 def add_run_arguments(parser: argparse.ArgumentParser, out_name: str) -> None:
     """The options every study of pretraining runs shares (this script and long_tail_study.py)."""
     parser.add_argument("--holdout", type=int, default=0, help="tune on the last N training images, not the test set")
-    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="key=value",
-                        help="overrides for every run (may be repeated)")
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        action="extend",
+        default=[],
+        metavar="key=value",
+        help="overrides for every run (may be repeated)",
+    )
     parser.add_argument("--tag", default="", help="suffix of the run directories for a variant")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (each with its share of the cores)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "out" / out_name))
@@ -242,16 +277,27 @@ def main(argv: list[str] | None = None) -> None:
             probe.append(top1)
         curves[recipe + args.tag] = runs
         # Per seed, in the order of `seeds`: the final numbers, the kNN curve [[epoch, top-1], ...] and the speed.
-        rows.append({"recipe": recipe + args.tag, "method": recipe, "knn_top1": knn, "linear_top1": probe,
-                     "minutes": minutes, "knn_curves": runs, "median_images_per_s": speeds})
+        rows.append(
+            {
+                "recipe": recipe + args.tag,
+                "method": recipe,
+                "knn_top1": knn,
+                "linear_top1": probe,
+                "minutes": minutes,
+                "knn_curves": runs,
+                "median_images_per_s": speeds,
+            }
+        )
     floor = floors(args.recipes[0], args.seeds, overrides)
 
     split = f"held-out last {args.holdout} training images" if args.holdout else "test split"
     print(f"\nFashion-MNIST, validation = {split}; seeds {args.seeds}; overrides {overrides or 'none'}")
     print(f"{'recipe':<22} {'kNN top-1':>16} {'linear top-1':>16} {'pretrain min':>13}")
     for row in rows:
-        print(f"{row['recipe']:<22} {mean_std(row['knn_top1']):>16} {mean_std(row['linear_top1']):>16} "
-              f"{statistics.mean(row['minutes']):>13.1f}")
+        print(
+            f"{row['recipe']:<22} {mean_std(row['knn_top1']):>16} {mean_std(row['linear_top1']):>16} "
+            f"{statistics.mean(row['minutes']):>13.1f}"
+        )
     print(f"{'floor: raw pixels':<22} {floor['raw_pixels']:>16.2f}")
     print(f"{'floor: random init':<22} {mean_std(floor['random_init']):>16}")
     print("\nkNN top-1 over epochs (mean +- std over seeds)")
@@ -260,9 +306,19 @@ def main(argv: list[str] | None = None) -> None:
     effects = bf_effects(rows, ["knn_top1", "linear_top1"])
     print_bf_effects(effects, ["knn_top1", "linear_top1"])
     tag = args.tag or ""
-    (out / f"quality{tag}.json").write_text(json.dumps({"rows": rows, "bf_vs_plain": effects, "floors": floor,
-                                                        "overrides": overrides, "seeds": args.seeds,
-                                                        **({"note": args.note} if args.note else {})}, indent=1))
+    (out / f"quality{tag}.json").write_text(
+        json.dumps(
+            {
+                "rows": rows,
+                "bf_vs_plain": effects,
+                "floors": floor,
+                "overrides": overrides,
+                "seeds": args.seeds,
+                **({"note": args.note} if args.note else {}),
+            },
+            indent=1,
+        )
+    )
     plot(curves, floor, out / f"knn_over_epochs{tag}.png")
     print(f"written {out / f'quality{tag}.json'} and {out / f'knn_over_epochs{tag}.png'}")
 

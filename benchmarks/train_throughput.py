@@ -56,9 +56,17 @@ from batchssl.views import DeviceViews
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RECIPE = ROOT / "recipes" / "fashion_mnist" / "mocov3_bf.yaml"
 DEFAULT_VARIANTS = "fp32,cl,bf16,bf16+cl,nobf"
-TOKENS = {"fp32": {}, "cl": {"channels_last": True}, "channels_last": {"channels_last": True},
-          "bf16": {"bf16": True}, "nobf": {"batchformer": False}, "bf": {"batchformer": True},
-          "real": {"real": True}, "compile": {"compile": "backbone"}, "compilemodel": {"compile": "model"}}
+TOKENS = {
+    "fp32": {},
+    "cl": {"channels_last": True},
+    "channels_last": {"channels_last": True},
+    "bf16": {"bf16": True},
+    "nobf": {"batchformer": False},
+    "bf": {"batchformer": True},
+    "real": {"real": True},
+    "compile": {"compile": "backbone"},
+    "compilemodel": {"compile": "model"},
+}
 TOTAL_STEPS, STEPS_PER_EPOCH = 10_000, 100  # nominal schedule length the lr / momentum are evaluated against
 
 
@@ -92,8 +100,9 @@ def parse_variant(name: str) -> Spec:
 def synthetic_views(cfg: Config, info: DatasetInfo, device, memory_format, seed: int):
     generator = torch.Generator().manual_seed(seed)
     shape = (cfg.train.batch_size, info.in_channels, info.image_size, info.image_size)
-    views = [torch.randn(shape, generator=generator).to(device).contiguous(memory_format=memory_format)
-             for _ in range(2)]
+    views = [
+        torch.randn(shape, generator=generator).to(device).contiguous(memory_format=memory_format) for _ in range(2)
+    ]
 
     def make_views(step: int) -> list[torch.Tensor]:
         return views
@@ -129,7 +138,7 @@ def real_views(cfg: Config, info: DatasetInfo, images: torch.Tensor, memory_form
         if epoch not in order:  # one permutation per epoch, seeded like the trainer's sampler
             order.clear()
             order[epoch] = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed + epoch))
-        rows = order[epoch][i * batch:(i + 1) * batch].to(images.device, non_blocking=True)
+        rows = order[epoch][i * batch : (i + 1) * batch].to(images.device, non_blocking=True)
         return [v.contiguous(memory_format=memory_format) for v in device_views(images[rows], seed, epoch, step)]
 
     return make_views
@@ -163,8 +172,9 @@ class Variant:
         self.model, self.optimizer, _ = build_model(cfg, info, accelerator, wrap=wrap)
         self.model.train()
         self.schedule = Schedule(cfg, TOTAL_STEPS, int(round(cfg.optim.warmup_epochs * STEPS_PER_EPOCH)))
-        self.make_views = (real_views(cfg, info, images, fmt, seed) if spec.real
-                           else synthetic_views(cfg, info, device, fmt, seed))
+        self.make_views = (
+            real_views(cfg, info, images, fmt, seed) if spec.real else synthetic_views(cfg, info, device, fmt, seed)
+        )
 
     def run(self, steps: int) -> float:
         """Seconds per step over `steps` consecutive steps (views, lr, train_step)."""
@@ -172,8 +182,15 @@ class Variant:
         start = time.perf_counter()
         for _ in range(steps):
             apply_lr(self.optimizer, self.schedule.lr(self.step), self.schedule.peak)
-            train_step(self.model, self.optimizer, self.accelerator, self.make_views(self.step), self.step,
-                       TOTAL_STEPS, self.cfg.train.max_grad_norm)
+            train_step(
+                self.model,
+                self.optimizer,
+                self.accelerator,
+                self.make_views(self.step),
+                self.step,
+                TOTAL_STEPS,
+                self.cfg.train.max_grad_norm,
+            )
             self.step += 1
         sync(self.accelerator.device)
         return (time.perf_counter() - start) / steps
@@ -195,17 +212,20 @@ def variant_config(args, spec: Spec) -> Config:
 def describe(cfg: Config) -> str:
     info, m, bf = dataset_info(cfg.data), cfg.method, cfg.batchformer
     bf_text = f"scope {bf.scope}, position {bf.position}" if bf.enabled else "off"
-    return (f"{m.name}, {cfg.model.arch} width {cfg.model.width}, {info.image_size} px x {info.in_channels} ch, "
-            f"batch {cfg.train.batch_size}, projector {m.proj_layers}-layer {m.proj_hidden_dim}-{m.proj_dim}, "
-            f"optimizer {cfg.optim.name}, BatchFormer {bf_text}")
+    return (
+        f"{m.name}, {cfg.model.arch} width {cfg.model.width}, {info.image_size} px x {info.in_channels} ch, "
+        f"batch {cfg.train.batch_size}, projector {m.proj_layers}-layer {m.proj_hidden_dim}-{m.proj_dim}, "
+        f"optimizer {cfg.optim.name}, BatchFormer {bf_text}"
+    )
 
 
 # -------------------------------------------------------------------------------------------------------- main
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     parser.add_argument("overrides", nargs="*", help="recipe overrides, dotted.key=value")
     parser.add_argument("--config", default=str(DEFAULT_RECIPE), help="recipe (default %(default)s)")
     parser.add_argument("--variants", default=DEFAULT_VARIANTS, help="comma-separated (default %(default)s)")
@@ -215,10 +235,14 @@ def parse_args(argv):
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds, median over them (default 5)")
     parser.add_argument("--steps", type=int, default=None, help="steps per variant per round (CPU 2, CUDA 20)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--mallopt", action="store_true",
-                        help="keep freed memory in glibc's heap (batchssl.cpu.tune_malloc), as the trainer does on CPU")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run (~20 s): batch 32, 1 warmup step, 2 rounds of 1 step, 1 thread")
+    parser.add_argument(
+        "--mallopt",
+        action="store_true",
+        help="keep freed memory in glibc's heap (batchssl.cpu.tune_malloc), as the trainer does on CPU",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run (~20 s): batch 32, 1 warmup step, 2 rounds of 1 step, 1 thread"
+    )
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count in the header")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_intermixed_args(argv)
@@ -258,8 +282,10 @@ def main(argv=None) -> int:
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
     print(f"{machine} | {device.type} | torch {torch.__version__} | {torch.get_num_threads()} threads | {malloc}")
     print(f"recipe {args.config} {' '.join(args.overrides)}\n  {describe(ref_cfg)}")
-    print(f"timing: {args.warmup} warmup step(s), then {args.repeats} round(s) x {steps} step(s) per variant, "
-          "round-robin, time.perf_counter; medians over rounds")
+    print(
+        f"timing: {args.warmup} warmup step(s), then {args.repeats} round(s) x {steps} step(s) per variant, "
+        "round-robin, time.perf_counter; medians over rounds"
+    )
     if not args.no_flops:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from flops import step_flops
@@ -267,8 +293,10 @@ def main(argv=None) -> int:
         for bf in sorted({c.batchformer.enabled for c in cfgs.values()}, reverse=True):
             cfg = next(c for c in cfgs.values() if c.batchformer.enabled == bf)
             total, layer = step_flops(cfg, TOTAL_STEPS)
-            print(f"  GFLOP per step (fwd+bwd, counted), BatchFormer {'on' if bf else 'off'}: {total / 1e9:.1f}"
-                  + (f" (layer {layer / 1e9:.2f})" if layer else ""))
+            print(
+                f"  GFLOP per step (fwd+bwd, counted), BatchFormer {'on' if bf else 'off'}: {total / 1e9:.1f}"
+                + (f" (layer {layer / 1e9:.2f})" if layer else "")
+            )
 
     images = None
     if any(s.real for s in specs):
@@ -296,8 +324,10 @@ def main(argv=None) -> int:
     for v in variants:
         name, ts = v.spec.name, times[v.spec.name]
         med = statistics.median(ts)
-        print(f"{name:<16} {med * 1e3:9.1f} {cfgs[name].train.batch_size / med:9.1f} "
-              f"{(max(ts) - min(ts)) / med * 100:6.1f}% {speedup(name, ref):7.3f}")
+        print(
+            f"{name:<16} {med * 1e3:9.1f} {cfgs[name].train.batch_size / med:9.1f} "
+            f"{(max(ts) - min(ts)) / med * 100:6.1f}% {speedup(name, ref):7.3f}"
+        )
     print(f"(reference: {ref}; x ref: median over rounds of t_ref / t_variant; spread: (max - min) / median)")
     for spec in [s for s in specs if s.real]:
         twin = spec.synthetic_twin()

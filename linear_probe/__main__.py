@@ -21,21 +21,34 @@ def main(argv=None) -> None:
     from batchssl.augment import PROBE_CROPS
     from batchssl.cli import add_source_arguments
 
-    parser = argparse.ArgumentParser(prog="python -m linear_probe", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m linear_probe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_source_arguments(parser)
     parser.add_argument("--mode", choices=["cached", "augmented"], default="cached")
     parser.add_argument("--epochs", type=int, help="default: 100 cached, 90 augmented")
     parser.add_argument("--batch-size", type=int, help="global batch; default: 1024 cached, 256 augmented")
     parser.add_argument("--base-lr", type=float, default=0.1, help="augmented: lr = base * batch / 256")
     parser.add_argument("--optimizer", choices=["sgd", "lars"], default="sgd", help="augmented mode")
-    parser.add_argument("--crop", choices=PROBE_CROPS, default="auto",
-                        help="augmented mode: RandomResizedCrop (MoCo v3 / SimSiam), a crop of the padded image, "
-                             "or auto: resized from 64 px up, padded below")
-    parser.add_argument("--raw-features", action="store_true",
-                        help="augmented mode: no feature standardisation (the head sees the backbone's raw output)")
-    parser.add_argument("--lrs", type=float, nargs="+", default=[0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0],
-                        help="cached mode: the learning-rate grid")
+    parser.add_argument(
+        "--crop",
+        choices=PROBE_CROPS,
+        default="auto",
+        help="augmented mode: RandomResizedCrop (MoCo v3 / SimSiam), a crop of the padded image, "
+        "or auto: resized from 64 px up, padded below",
+    )
+    parser.add_argument(
+        "--raw-features",
+        action="store_true",
+        help="augmented mode: no feature standardisation (the head sees the backbone's raw output)",
+    )
+    parser.add_argument(
+        "--lrs",
+        type=float,
+        nargs="+",
+        default=[0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0],
+        help="cached mode: the learning-rate grid",
+    )
     parser.add_argument("--val-fraction", type=float, default=0.1, help="cached mode: held-out part of train")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -69,13 +82,22 @@ def run(args) -> dict:
     _, _, out_dir = resolve(source)  # bad input stops here, before the backbone and the data are loaded
     check_arguments(args)
     if args.mode == "cached":
-        settings = CachedProbeSettings(lrs=tuple(args.lrs), epochs=args.epochs or 100,
-                                       batch_size=args.batch_size or 1024, val_fraction=args.val_fraction,
-                                       seed=args.seed)
+        settings = CachedProbeSettings(
+            lrs=tuple(args.lrs),
+            epochs=args.epochs or 100,
+            batch_size=args.batch_size or 1024,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+        )
     else:
-        settings = AugmentedProbeSettings(epochs=args.epochs or 90, batch_size=args.batch_size or 256,
-                                          base_lr=args.base_lr, optimizer=args.optimizer, seed=args.seed,
-                                          standardize=not args.raw_features)
+        settings = AugmentedProbeSettings(
+            epochs=args.epochs or 90,
+            batch_size=args.batch_size or 256,
+            base_lr=args.base_lr,
+            optimizer=args.optimizer,
+            seed=args.seed,
+            standardize=not args.raw_features,
+        )
     with run_lock(out_dir, source, "python -m linear_probe"):
         return _evaluate(source, settings, args)
 
@@ -102,32 +124,60 @@ def _evaluate(source, settings, args) -> dict:
         if not accelerator.is_main_process:
             return {}
         fit, held = train_val_split(train_y, settings.val_fraction, settings.seed)
-        result = train_cached_probes(train_x[fit], train_y[fit], train_x[held], train_y[held], test_x, test_y,
-                                     frozen.info.num_classes, settings, device=accelerator.device, progress=True,
-                                     return_predictions=True)
+        result = train_cached_probes(
+            train_x[fit],
+            train_y[fit],
+            train_x[held],
+            train_y[held],
+            test_x,
+            test_y,
+            frozen.info.num_classes,
+            settings,
+            device=accelerator.device,
+            progress=True,
+            return_predictions=True,
+        )
         result["test_labels"] = test_y
     else:
         augmented = Transformed(eval_datasets(frozen.cfg.data)[0], probe_train_transform(frozen.info, args.crop))
         result = train_augmented_probe(
-            frozen.backbone, augmented, test_set, frozen.info.num_classes, frozen.feature_dim, settings,
-            accelerator=accelerator, checkpoint_dir=frozen.out_dir / "linear_probe_ckpt", dtype=dtype,
-            num_workers=workers, progress=True, return_predictions=True)
+            frozen.backbone,
+            augmented,
+            test_set,
+            frozen.info.num_classes,
+            frozen.feature_dim,
+            settings,
+            accelerator=accelerator,
+            checkpoint_dir=frozen.out_dir / "linear_probe_ckpt",
+            dtype=dtype,
+            num_workers=workers,
+            progress=True,
+            return_predictions=True,
+        )
         if not accelerator.is_main_process:
             return {}
     if args.mode == "cached":  # the same keys for both modes: top1/top5 on the validation split
         result["top1"], result["top5"] = result.pop("test_top1"), result.pop("test_top5")
     # Per-class accuracy, its std, and the many / medium / few means (thirds of the classes by pretraining count).
-    result.update(per_class_report(result.pop("test_predictions"), result.pop("test_labels"),
-                                   frozen.info.num_classes, pretrain_class_counts(frozen.cfg.data)))
+    result.update(
+        per_class_report(
+            result.pop("test_predictions"),
+            result.pop("test_labels"),
+            frozen.info.num_classes,
+            pretrain_class_counts(frozen.cfg.data),
+        )
+    )
     result["seconds"] = time.perf_counter() - start
     path = frozen.out_dir / "linear_probe.json"
     entry = {"mode": args.mode, "dataset": frozen.cfg.data.name, "arch": frozen.cfg.model.arch, **result}
     record = record_result(path, result_key(f"linear {args.mode}", settings, source), entry)
-    chosen = f", lr {result['lr']:g} chosen on held-out train (val top-1 {result['val_top1']:.2f})" \
-        if args.mode == "cached" else f", lr {result['lr']:g}"
+    chosen = (
+        f", lr {result['lr']:g} chosen on held-out train (val top-1 {result['val_top1']:.2f})"
+        if args.mode == "cached"
+        else f", lr {result['lr']:g}"
+    )
     groups = ", ".join(f"{g} {result[g]:.2f}" for g in ("many", "medium", "few") if result.get(g) is not None)
-    print(f"linear probe ({args.mode}): top-1 {result['top1']:.2f}"
-          f"{chosen}; {result['seconds']:.1f} s")
+    print(f"linear probe ({args.mode}): top-1 {result['top1']:.2f}{chosen}; {result['seconds']:.1f} s")
     print(f"  per class: {groups + ', ' if groups else ''}class std {result['class_std']:.2f}")
     print(f"written {path}")
     return record

@@ -21,8 +21,11 @@ from linear_probe.__main__ import main as probe_main
 
 TINY_RUN = [*TINY, "monitor.enabled=false"]
 TRAINED = ["train.epochs=2", "checkpoint.every_n_epochs=1"]  # the `trained` run: a checkpoint after each epoch
-MAINS = {"pretrain.py": lambda argv: load_script("pretrain.py").main(argv), "knn_eval": knn_main,
-         "linear_probe": probe_main}
+MAINS = {
+    "pretrain.py": lambda argv: load_script("pretrain.py").main(argv),
+    "knn_eval": knn_main,
+    "linear_probe": probe_main,
+}
 
 
 def one_line(stderr: str, prog: str) -> str:
@@ -49,26 +52,34 @@ def trained(tmp_path_factory):
 
 
 def snapshot(run_dir) -> dict:
-    return {p.relative_to(run_dir).as_posix(): p.read_bytes() for p in sorted(run_dir.rglob("*"))
-            if p.is_file() and p.name != ".lock"}
+    return {
+        p.relative_to(run_dir).as_posix(): p.read_bytes()
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
 
 
 def test_config_errors_come_before_torch_is_imported(tmp_path):
     """A bad key is reported without importing torch or accelerate (which take seconds to load)."""
-    code = ("import runpy, sys\nsys.argv = ['pretrain.py', 'train.epoch=3']\ntry:\n"
-            "    runpy.run_path('pretrain.py', run_name='__main__')\nexcept SystemExit as e:\n"
-            "    print(e.code, 'torch' in sys.modules, 'accelerate' in sys.modules)\n")
+    code = (
+        "import runpy, sys\nsys.argv = ['pretrain.py', 'train.epoch=3']\ntry:\n"
+        "    runpy.run_path('pretrain.py', run_name='__main__')\nexcept SystemExit as e:\n"
+        "    print(e.code, 'torch' in sys.modules, 'accelerate' in sys.modules)\n"
+    )
     result = run_entry("-c", code)
     assert result.stdout.split() == ["2", "False", "False"], result.stderr
     assert "unknown config key 'train.epoch'" in result.stderr
 
 
-@pytest.mark.parametrize("override, words", [
-    ("output_dir=", "'output_dir' expects str"),
-    ("optim.base_lr=.nan", "optim.base_lr must be a positive number"),
-    ("monitor.k=0", "monitor.k must be >= 1"),
-    ("data.num_workers=-3", "data.num_workers must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("output_dir=", "'output_dir' expects str"),
+        ("optim.base_lr=.nan", "optim.base_lr must be a positive number"),
+        ("monitor.k=0", "monitor.k must be >= 1"),
+        ("data.num_workers=-3", "data.num_workers must be >= 0"),
+    ],
+)
 def test_bad_values_are_one_line(override, words, tmp_path):
     # The bad value comes last: it is the one that counts.
     assert words in refused("pretrain.py", [f"output_dir={tmp_path}/run", override])
@@ -95,8 +106,9 @@ def test_one_run_per_directory_and_a_killed_holder_never_blocks(tmp_path):
     out = tmp_path / "run"
     args = [*TINY_RUN, "train.epochs=200", f"output_dir={out}"]  # long: it is killed below
     # The holder is another process (a POSIX lock never blocks its own process), killed with SIGKILL.
-    first = subprocess.Popen([sys.executable, "pretrain.py", *args], cwd=REPO, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        [sys.executable, "pretrain.py", *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.time() + 300
         # Until the first epoch's checkpoint is out, so the evaluator finds a backbone to score and meets the lock.
@@ -172,13 +184,16 @@ def test_corrupt_newest_checkpoint_names_the_way_out(trained, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("prog, args, words", [
-    ("linear_probe", ["--epochs", "0"], "linear_probe: error: --epochs must be >= 1, got 0"),
-    ("linear_probe", ["--epochs", "-3"], "linear_probe: error: --epochs must be >= 1, got -3"),
-    ("linear_probe", ["--val-fraction", "1.5"], "linear_probe: error: --val-fraction must be in (0, 1)"),
-    ("knn_eval", ["--k", "0"], "knn_eval: error: k must be >= 1"),
-    ("knn_eval", ["--temperature", "0"], "knn_eval: error: temperature must be a positive number"),
-])
+@pytest.mark.parametrize(
+    "prog, args, words",
+    [
+        ("linear_probe", ["--epochs", "0"], "linear_probe: error: --epochs must be >= 1, got 0"),
+        ("linear_probe", ["--epochs", "-3"], "linear_probe: error: --epochs must be >= 1, got -3"),
+        ("linear_probe", ["--val-fraction", "1.5"], "linear_probe: error: --val-fraction must be in (0, 1)"),
+        ("knn_eval", ["--k", "0"], "knn_eval: error: k must be >= 1"),
+        ("knn_eval", ["--temperature", "0"], "knn_eval: error: temperature must be a positive number"),
+    ],
+)
 def test_evaluator_arguments_are_checked_before_any_work(trained, prog, args, words):
     before = snapshot(trained)
     stderr = main_in_process(MAINS[prog], [*args, "--run", trained], expect=2)
@@ -223,7 +238,18 @@ def test_imagefolder_problems_are_one_line(case, tmp_path):
         broken = root / "train" / "dog" / "3.jpg"
         broken.write_bytes(broken.read_bytes()[:40])  # cut short
         expected = f"cannot read image {broken}"
-    line = refused("pretrain.py", ["data.name=imagefolder", f"data.root={root}", "data.image_size=32",
-                                   "data.num_workers=1", "train.batch_size=4", "train.epochs=1", "model.width=0.25",
-                                   "monitor.enabled=false", f"output_dir={tmp_path / 'run'}"])
+    line = refused(
+        "pretrain.py",
+        [
+            "data.name=imagefolder",
+            f"data.root={root}",
+            "data.image_size=32",
+            "data.num_workers=1",
+            "train.batch_size=4",
+            "train.epochs=1",
+            "model.width=0.25",
+            "monitor.enabled=false",
+            f"output_dir={tmp_path / 'run'}",
+        ],
+    )
     assert expected in line

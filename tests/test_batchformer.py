@@ -77,8 +77,14 @@ def test_two_streams_only_in_training():
 
 def tiny_method(cls, position="projector", **method_kwargs):
     backbone, dim = build_backbone(ModelConfig(arch="resnet18", width=0.125), in_channels=1, image_size=16)
-    cfg = MethodConfig(name="simsiam" if cls is SimSiam else "mocov3", proj_hidden_dim=32, proj_dim=16,
-                       proj_layers=2, pred_hidden_dim=8, **method_kwargs)
+    cfg = MethodConfig(
+        name="simsiam" if cls is SimSiam else "mocov3",
+        proj_hidden_dim=32,
+        proj_dim=16,
+        proj_layers=2,
+        pred_hidden_dim=8,
+        **method_kwargs,
+    )
     return cls(backbone, dim, cfg, BatchFormerConfig(enabled=True, position=position, weight=0.5))
 
 
@@ -95,8 +101,9 @@ def test_batchformer_is_trained(cls, position):
     for name, p in bf_params:
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     assert method.batchformer in method.trainable_parts().values()
-    grouped = {id(p) for g in method.parameter_groups(__import__("batchssl.config").config.OptimConfig())
-               for p in g["params"]}
+    grouped = {
+        id(p) for g in method.parameter_groups(__import__("batchssl.config").config.OptimConfig()) for p in g["params"]
+    }
     assert all(id(p) in grouped for _, p in bf_params)
 
 
@@ -114,6 +121,7 @@ def test_exported_backbone_has_no_batchformer(tmp_path):
     fresh, _ = build_backbone(ModelConfig(arch="resnet18", width=0.125), in_channels=1, image_size=16)
     load_backbone(fresh, tmp_path / "backbone.safetensors")  # strict: exactly the backbone's keys
     from safetensors.torch import load_file
+
     keys = load_file(str(tmp_path / "backbone.safetensors")).keys()
     assert not any("batchformer" in k or "self_attn" in k or "projector" in k for k in keys)
 

@@ -19,8 +19,25 @@ sys.path.insert(0, str(REPO / "benchmarks"))  # long_tail_study.py imports quali
 @pytest.mark.slow
 def test_quality_benchmark_runs_two_recipes_at_once_and_reuses_them(tmp_path, capsys):
     quality = load_script("benchmarks/quality.py")
-    argv = ["--recipes", "mocov3", "simsiam_bf", "--seeds", "0", "--holdout", "200", "--jobs", "2",
-            "--out", str(tmp_path), "--set", *TINY, "--set", "monitor.k=20", "--note", "two at once"]
+    argv = [
+        "--recipes",
+        "mocov3",
+        "simsiam_bf",
+        "--seeds",
+        "0",
+        "--holdout",
+        "200",
+        "--jobs",
+        "2",
+        "--out",
+        str(tmp_path),
+        "--set",
+        *TINY,
+        "--set",
+        "monitor.k=20",
+        "--note",
+        "two at once",
+    ]
     with own_process_state():
         quality.main(argv)
     first = capsys.readouterr().out
@@ -35,8 +52,11 @@ def test_quality_benchmark_runs_two_recipes_at_once_and_reuses_them(tmp_path, ca
         knn = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "knn_top1" in line]
         assert knn[-1]["knn_top1"] == row["knn_top1"][0]  # the final epoch's monitor line
         assert row["knn_curves"] == [[[m["epoch"], m["knn_top1"]] for m in knn]]  # seed 0's whole curve
-        speeds = [json.loads(line)["images_per_s"] for line in (run / "metrics.jsonl").read_text().splitlines()
-                  if "images_per_s" in line]
+        speeds = [
+            json.loads(line)["images_per_s"]
+            for line in (run / "metrics.jsonl").read_text().splitlines()
+            if "images_per_s" in line
+        ]
         assert len(speeds) >= 2 and row["median_images_per_s"] == [pytest.approx(statistics.median(speeds))]
         assert (out / f"{row['recipe']}_s0.log").is_file()  # the run's output, kept beside it
     assert 0 < table["floors"]["raw_pixels"] <= 100 and len(table["floors"]["random_init"]) == 1
@@ -53,8 +73,9 @@ def test_quality_benchmark_runs_two_recipes_at_once_and_reuses_them(tmp_path, ca
     assert json.loads((out / "quality.json").read_text())["rows"] == table["rows"]
 
 
-@pytest.mark.parametrize("overrides", [[], ["batchformer.scope=per_view"],
-                                       ["batchformer.position=backbone", "train.batch_size=64"]])
+@pytest.mark.parametrize(
+    "overrides", [[], ["batchformer.scope=per_view"], ["batchformer.position=backbone", "train.batch_size=64"]]
+)
 def test_batchformer_flops_closed_form_matches_flop_counter(overrides):
     """The BatchFormer layer's FLOPs in a training step of the default recipe, counted by FlopCounterMode on the
     meta device (benchmarks/flops.py, as train_throughput.py uses it), equal the closed form from its shapes."""
@@ -70,8 +91,9 @@ def test_batchformer_flops_closed_form_matches_flop_counter(overrides):
     total, layer = flops.step_flops(cfg)
     assert layer == pytest.approx(flops.batchformer_flops_closed_form(cfg, feature_dim), rel=1e-9)
     assert 0 < layer < total
-    no_bf, none = flops.step_flops(load_config(REPO / "recipes" / "fashion_mnist" / "mocov3_bf.yaml",
-                                               overrides + ["batchformer.enabled=false"]))
+    no_bf, none = flops.step_flops(
+        load_config(REPO / "recipes" / "fashion_mnist" / "mocov3_bf.yaml", overrides + ["batchformer.enabled=false"])
+    )
     assert none is None and no_bf < total
 
 
@@ -86,12 +108,21 @@ def test_long_tail_study_scores_the_lt_runs_rare_classes_in_both_runs():
     assert got["few"] == pytest.approx(10.0)  # (20 + 10 + 0) / 3
     assert got["class_std"] == pytest.approx(28.722813, abs=1e-6)  # population std of 0, 10, ..., 90
     record = {"top1": 45.0, "per_class": per_class}
-    rows = summarise({("mocov3", "lt"): [(record, record), (record, {"top1": 50.0, "per_class": [50.0] * 10})]},
-                     [7, 8, 9])
-    assert rows == [{"method": "mocov3", "split": "lt", "knn_top1": [45.0, 45.0], "knn_few": [10.0, 10.0],
-                     "knn_class_std": [pytest.approx(28.722813), pytest.approx(28.722813)],
-                     "linear_top1": [45.0, 50.0], "linear_few": [10.0, 50.0],
-                     "linear_class_std": [pytest.approx(28.722813), 0.0]}]
+    rows = summarise(
+        {("mocov3", "lt"): [(record, record), (record, {"top1": 50.0, "per_class": [50.0] * 10})]}, [7, 8, 9]
+    )
+    assert rows == [
+        {
+            "method": "mocov3",
+            "split": "lt",
+            "knn_top1": [45.0, 45.0],
+            "knn_few": [10.0, 10.0],
+            "knn_class_std": [pytest.approx(28.722813), pytest.approx(28.722813)],
+            "linear_top1": [45.0, 50.0],
+            "linear_few": [10.0, 50.0],
+            "linear_class_std": [pytest.approx(28.722813), 0.0],
+        }
+    ]
 
 
 def test_bf_effects_welch_p_by_hand():
@@ -105,21 +136,31 @@ def test_bf_effects_welch_p_by_hand():
     # t = (5 - 2) / 1 = 3, df = 1 / ((2/3)^2 / 1 + (1/3)^2 / 2) = 2, and for df = 2 the two-sided p is
     # 1 - t / sqrt(2 + t^2) = 0.0955 (Student's pooled test would give t = 3.12 on 3 df: a different p)
     half = (2 / 3) ** 0.5
-    rows = [row("simsiam", "lt", [1.0, 2.0, 3.0]), row("simsiam_bf", "lt", [5.0 - half, 5.0 + half]),
-            row("mocov3", "lt", [1.0, 2.0]), row("mocov3_bf", "lt", [1.0]),  # one BF seed: no test
-            row("simsiam", "balanced", [1.0, 2.0])]  # no BF twin on that split
+    rows = [
+        row("simsiam", "lt", [1.0, 2.0, 3.0]),
+        row("simsiam_bf", "lt", [5.0 - half, 5.0 + half]),
+        row("mocov3", "lt", [1.0, 2.0]),
+        row("mocov3_bf", "lt", [1.0]),  # one BF seed: no test
+        row("simsiam", "balanced", [1.0, 2.0]),
+    ]  # no BF twin on that split
     effects = bf_effects(rows, METRICS, same=("split",))
     assert [(e["method"], e["split"]) for e in effects] == [("simsiam", "lt")]
     for metric in METRICS:
         assert effects[0][metric]["difference"] == pytest.approx(3.0)
-        assert effects[0][metric]["welch_p"] == pytest.approx(1 - 3 / 11 ** 0.5, abs=1e-9)
+        assert effects[0][metric]["welch_p"] == pytest.approx(1 - 3 / 11**0.5, abs=1e-9)
     # quality.py's rows pair on the method alone (one split per table); the same numbers give the same test
-    table = [{"method": "mocov3", "knn_top1": [1.0, 2.0, 3.0]},
-             {"method": "mocov3_bf", "knn_top1": [5 - half, 5 + half]},
-             {"method": "simsiam_bf", "knn_top1": [1.0, 2.0]}]  # no plain twin: no test
+    table = [
+        {"method": "mocov3", "knn_top1": [1.0, 2.0, 3.0]},
+        {"method": "mocov3_bf", "knn_top1": [5 - half, 5 + half]},
+        {"method": "simsiam_bf", "knn_top1": [1.0, 2.0]},
+    ]  # no plain twin: no test
     effects = bf_effects(table, ["knn_top1"])
-    assert effects == [{"method": "mocov3", "knn_top1": {"difference": pytest.approx(3.0),
-                                                         "welch_p": pytest.approx(1 - 3 / 11 ** 0.5, abs=1e-9)}}]
+    assert effects == [
+        {
+            "method": "mocov3",
+            "knn_top1": {"difference": pytest.approx(3.0), "welch_p": pytest.approx(1 - 3 / 11**0.5, abs=1e-9)},
+        }
+    ]
 
 
 def test_long_tail_study_finished_only_takes_runs_with_both_evaluations(tmp_path):
@@ -134,11 +175,13 @@ def test_long_tail_study_finished_only_takes_runs_with_both_evaluations(tmp_path
         if timing:
             (directory / "timing.json").write_text(json.dumps({"pretrain_seconds": 1.0}))
         if knn_entry:  # knn_eval's layout: entries keyed by settings, results keyed by k
-            (directory / "knn.json").write_text(json.dumps(
-                {"entries": {"a": {"temperature": 0.07, "results": {"20": knn, "200": knn}}}}))
+            (directory / "knn.json").write_text(
+                json.dumps({"entries": {"a": {"temperature": 0.07, "results": {"20": knn, "200": knn}}}})
+            )
         if probe:
-            (directory / "linear_probe.json").write_text(json.dumps(
-                {"entries": {"augmented": {**linear, "mode": "augmented", "top1": 1.0}, "cached": linear}}))
+            (directory / "linear_probe.json").write_text(
+                json.dumps({"entries": {"augmented": {**linear, "mode": "augmented", "top1": 1.0}, "cached": linear}})
+            )
         return directory
 
     assert finished(run("done")) == (knn, linear)

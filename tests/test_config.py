@@ -12,10 +12,23 @@ def test_default_recipe_is_fashion_mnist_with_batchformer():
 
 
 def test_quick_run_keys_and_override_types():
-    cfg = load_config(None, ["output_dir=runs/x", "seed=3", "train.epochs=2", "data.limit=100", "data.val_limit=50",
-                             "checkpoint.every_n_epochs=1", "monitor.every_n_epochs=5", "optim.base_lr=1",
-                             "optim.weight_decay=1e-5", "optim.betas=[0.8, 0.9]", "train.log_with=null",
-                             "train.mixed_precision=no"])
+    cfg = load_config(
+        None,
+        [
+            "output_dir=runs/x",
+            "seed=3",
+            "train.epochs=2",
+            "data.limit=100",
+            "data.val_limit=50",
+            "checkpoint.every_n_epochs=1",
+            "monitor.every_n_epochs=5",
+            "optim.base_lr=1",
+            "optim.weight_decay=1e-5",
+            "optim.betas=[0.8, 0.9]",
+            "train.log_with=null",
+            "train.mixed_precision=no",
+        ],
+    )
     assert cfg.output_dir == "runs/x" and cfg.seed == 3 and cfg.train.epochs == 2
     assert cfg.data.limit == 100 and cfg.data.val_limit == 50
     assert cfg.checkpoint.every_n_epochs == 1 and cfg.monitor.every_n_epochs == 5
@@ -25,31 +38,34 @@ def test_quick_run_keys_and_override_types():
     assert cfg.train.mixed_precision == "no"  # YAML 1.1 reads `no` as False
 
 
-@pytest.mark.parametrize("override, words", [
-    (["train.epoch=3"], ["unknown config key 'train.epoch'", "train.epochs"]),
-    (["trian.epochs=3"], ["unknown config key 'trian'"]),
-    (["train.epochs=three"], ["'train.epochs' expects int", "'three'"]),
-    (["train.epochs=2.5"], ["'train.epochs' expects int"]),
-    (["batchformer.scope=global"], ["'batchformer.scope'", "'joint'", "'per_view'"]),
-    (["batchformer.enabled=maybe"], ["'batchformer.enabled' expects bool"]),
-    (["train=3"], ["'train' expects a mapping"]),
-    (["train.epochs"], ["dotted.key=value"]),
-    (["train.epochs=0"], ["train.epochs must be >= 1"]),
-    (["optim.base_lr=.nan"], ["optim.base_lr must be a positive number"]),
-    (["optim.base_lr=.inf"], ["optim.base_lr must be a positive number"]),
-    (["optim.base_lr=-0.1"], ["optim.base_lr must be a positive number"]),
-    (["monitor.k=0"], ["monitor.k must be >= 1"]),
-    (["monitor.temperature=0"], ["monitor.temperature must be > 0"]),
-    (["data.num_workers=-3"], ["data.num_workers must be >= 0"]),
-    (["augment.min_scale=2"], ["augment.min_scale must be in (0, 1]"]),
-    (["data.image_size=0"], ["data.image_size must be >= 8"]),
-    (["data.imbalance_ratio=0.5"], ["data.imbalance_ratio must be >= 1"]),
-    (["data.pretrain_limit=0"], ["data.pretrain_limit must be >= 1"]),
-    (["optim.final_lr_ratio=1.5"], ["optim.final_lr_ratio must be in [0, 1]"]),
-    (["method.momentum_final=0.9"], ["method.momentum_final must be in [method.momentum, 1]"]),
-    (["output_dir="], ["'output_dir' expects str, got None"]),
-    (["output_dir=''"], ["output_dir must name a directory"]),
-])
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        (["train.epoch=3"], ["unknown config key 'train.epoch'", "train.epochs"]),
+        (["trian.epochs=3"], ["unknown config key 'trian'"]),
+        (["train.epochs=three"], ["'train.epochs' expects int", "'three'"]),
+        (["train.epochs=2.5"], ["'train.epochs' expects int"]),
+        (["batchformer.scope=global"], ["'batchformer.scope'", "'joint'", "'per_view'"]),
+        (["batchformer.enabled=maybe"], ["'batchformer.enabled' expects bool"]),
+        (["train=3"], ["'train' expects a mapping"]),
+        (["train.epochs"], ["dotted.key=value"]),
+        (["train.epochs=0"], ["train.epochs must be >= 1"]),
+        (["optim.base_lr=.nan"], ["optim.base_lr must be a positive number"]),
+        (["optim.base_lr=.inf"], ["optim.base_lr must be a positive number"]),
+        (["optim.base_lr=-0.1"], ["optim.base_lr must be a positive number"]),
+        (["monitor.k=0"], ["monitor.k must be >= 1"]),
+        (["monitor.temperature=0"], ["monitor.temperature must be > 0"]),
+        (["data.num_workers=-3"], ["data.num_workers must be >= 0"]),
+        (["augment.min_scale=2"], ["augment.min_scale must be in (0, 1]"]),
+        (["data.image_size=0"], ["data.image_size must be >= 8"]),
+        (["data.imbalance_ratio=0.5"], ["data.imbalance_ratio must be >= 1"]),
+        (["data.pretrain_limit=0"], ["data.pretrain_limit must be >= 1"]),
+        (["optim.final_lr_ratio=1.5"], ["optim.final_lr_ratio must be in [0, 1]"]),
+        (["method.momentum_final=0.9"], ["method.momentum_final must be in [method.momentum, 1]"]),
+        (["output_dir="], ["'output_dir' expects str, got None"]),
+        (["output_dir=''"], ["output_dir must name a directory"]),
+    ],
+)
 def test_bad_overrides_name_the_key(override, words):
     with pytest.raises(UserError) as err:
         load_config(None, override)
@@ -88,7 +104,8 @@ def test_cli_bad_key_is_one_line_and_nonzero(tmp_path):
     out = tmp_path / "run"
     err = main_in_process(load_script("pretrain.py").main, ["train.epoch=1", f"output_dir={out}"], expect=2)
     assert err.strip().splitlines() == [
-        "pretrain.py: error: unknown config key 'train.epoch' (did you mean 'train.epochs'?)"]
+        "pretrain.py: error: unknown config key 'train.epoch' (did you mean 'train.epochs'?)"
+    ]
     assert not out.exists()  # nothing was started
 
 

@@ -67,10 +67,22 @@ def test_one_process_only_hashes():
 @pytest.mark.slow
 def test_two_processes_with_different_overrides_stop_with_one_line_naming_the_keys():
     per_rank = [["train.epochs=1"], ["train.epochs=2", "seed=3"]]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(REPO / "tests" / "test_consistency.py"), json.dumps(per_rank)]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(REPO / "tests" / "test_consistency.py"),
+        json.dumps(per_rank),
+    ]
+    result = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert result.returncode != 0
     # The same config on both: both ranks print the same hash before the second, differing check.
     hashes = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("same ")]

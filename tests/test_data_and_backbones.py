@@ -70,14 +70,18 @@ def test_probe_crop_below_64_px_shifts_and_flips_without_rescaling():
     train, _ = eval_datasets(DataConfig(name="fashion_mnist", limit=1))
     image = train[0][0]
     padded = torch.nn.functional.pad(torch.from_numpy(np.array(image, dtype=np.float32) / 255), (3, 3, 3, 3))
-    crops = [padded[dy:dy + 28, dx:dx + 28] for dy in range(7) for dx in range(7)]  # 28 // 8 = 3 px of padding
+    crops = [padded[dy : dy + 28, dx : dx + 28] for dy in range(7) for dx in range(7)]  # 28 // 8 = 3 px of padding
     transform = probe_train_transform(info)  # auto: the padded crop at 28 px
     torch.manual_seed(0)
     seen = set()
     for _ in range(20):
         x = transform(image)[0] * info.std[0] + info.mean[0]
-        hits = [(i, flip) for i, crop in enumerate(crops) for flip in (False, True)
-                if torch.allclose(x, crop.flip(-1) if flip else crop, atol=1e-5)]
+        hits = [
+            (i, flip)
+            for i, crop in enumerate(crops)
+            for flip in (False, True)
+            if torch.allclose(x, crop.flip(-1) if flip else crop, atol=1e-5)
+        ]
         assert hits, "not a shifted (and maybe flipped) copy of the image at its own scale"
         seen.update(hits)
     assert len(seen) > 5  # it does move

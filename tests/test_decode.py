@@ -50,9 +50,15 @@ def test_reduced_scale_decode_is_within_tolerance_of_full_decode(name, size):
     height, width = image_size(data, name)
     generator = torch.Generator().manual_seed(size)
     n = 24
-    top, left, h, w, _ = crop_boxes(torch.rand(n, 10, generator=generator), torch.rand(n, 10, generator=generator),
-                                    torch.rand(n, generator=generator), torch.rand(n, generator=generator),
-                                    height, width, (0.08, 1.0))
+    top, left, h, w, _ = crop_boxes(
+        torch.rand(n, 10, generator=generator),
+        torch.rand(n, 10, generator=generator),
+        torch.rand(n, generator=generator),
+        torch.rand(n, generator=generator),
+        height,
+        width,
+        (0.08, 1.0),
+    )
     boxes = torch.stack([top, left, h, w], dim=1).tolist()
     factors = [dct_factor([box], [size]) for box in boxes]
     assert max(factors) >= 4, factors  # the test exercises real reductions
@@ -77,10 +83,19 @@ def test_reduced_decode_maps_the_box_to_the_same_place():
     assert np.abs(reduced - full).mean() < 1.0
 
 
-@pytest.mark.parametrize("mode, fmt", [
-    ("L", "JPEG"), ("CMYK", "JPEG"), ("P", "PNG"), ("RGBA", "PNG"), ("I;16", "PNG"), ("LA", "PNG"), ("RGB", "WEBP"),
-    ("1", "BMP"),
-])
+@pytest.mark.parametrize(
+    "mode, fmt",
+    [
+        ("L", "JPEG"),
+        ("CMYK", "JPEG"),
+        ("P", "PNG"),
+        ("RGBA", "PNG"),
+        ("I;16", "PNG"),
+        ("LA", "PNG"),
+        ("RGB", "WEBP"),
+        ("1", "BMP"),
+    ],
+)
 def test_every_mode_reads_as_pil_convert_rgb(mode, fmt):
     base = photo()
     if mode == "I;16":  # a real 16-bit image: levels 0-65535

@@ -37,8 +37,15 @@ def test_two_processes_match_one(case, tmp_path):
     # float32 in the contiguous format, so that what differs is the number of processes only: the recipes' bf16
     # autocast keeps 8 bits of mantissa, and oneDNN's channels_last convolutions choose their kernels by batch size
     # (64 images on one process, 32 on each of two), each of which moves step 1's loss by more than 1e-5.
-    common = [*CASES[case], *TINY, "batchformer.dropout=0.0", "monitor.enabled=false", "data.limit=192",
-              "train.mixed_precision=no", "train.channels_last=false"]
+    common = [
+        *CASES[case],
+        *TINY,
+        "batchformer.dropout=0.0",
+        "monitor.enabled=false",
+        "data.limit=192",
+        "train.mixed_precision=no",
+        "train.channels_last=false",
+    ]
     one, two = losses_of_one_and_two_processes(common, tmp_path)
     assert two[1] == pytest.approx(one[1], abs=1e-5)
     # Later steps are not compared in float32: rounding, amplified through batch norm at initialisation, moves the
@@ -51,8 +58,7 @@ def test_two_processes_match_one_at_the_recipes_precision(tmp_path):
     # The path users take: bf16 autocast + channels_last, as the recipes set them. bf16 keeps 8 bits of mantissa
     # and oneDNN picks kernels by batch size, so step 1 agrees to ~5e-3 here, not 1e-5; a wrong gather or mask
     # (half the keys or the attention over half the batch) moves MoCo's loss by ~log 2 = 0.69.
-    common = [*CASES["mocov3_bf_gather"], *TINY, "batchformer.dropout=0.0", "monitor.enabled=false",
-              "data.limit=192"]
+    common = [*CASES["mocov3_bf_gather"], *TINY, "batchformer.dropout=0.0", "monitor.enabled=false", "data.limit=192"]
     one, two = losses_of_one_and_two_processes(common, tmp_path)
     assert two[1] == pytest.approx(one[1], abs=3e-2)
 

@@ -48,8 +48,9 @@ def test_monitor_number_equals_evaluator_number(short_run, capsys):
 @pytest.mark.slow
 def test_linear_probe_cached_and_augmented_on_a_real_slice(short_run):
     main_in_process(probe_main, ["--run", short_run, "--epochs", "20"])
-    main_in_process(probe_main, ["--run", short_run, "--mode", "augmented", "--epochs", "4", "--batch-size", "64",
-                                 "--base-lr", "1"])
+    main_in_process(
+        probe_main, ["--run", short_run, "--mode", "augmented", "--epochs", "4", "--batch-size", "64", "--base-lr", "1"]
+    )
     document = json.loads((short_run / "linear_probe.json").read_text())
     modes = {entry["mode"]: entry for entry in document["entries"].values()}
     assert sorted(modes) == ["augmented", "cached"] and len(document["entries"]) == 2
@@ -93,12 +94,27 @@ def test_bad_runs_and_weights(short_run, tmp_path):
     # weights that fit the architecture, of a dataset that is not there
     fitting = tmp_path / "cifar_resnet18.safetensors"
     export_backbone(build_backbone(ModelConfig(arch="resnet18", width=0.25), in_channels=3, image_size=32)[0], fitting)
-    line = _one_line(main_in_process(knn_main, ["--backbone", fitting, "--arch", "resnet18", "--dataset", "cifar10",
-                                                "model.width=0.25", f"data.root={tmp_path / 'no_data'}"], expect=2))
+    line = _one_line(
+        main_in_process(
+            knn_main,
+            [
+                "--backbone",
+                fitting,
+                "--arch",
+                "resnet18",
+                "--dataset",
+                "cifar10",
+                "model.width=0.25",
+                f"data.root={tmp_path / 'no_data'}",
+            ],
+            expect=2,
+        )
+    )
     assert f"cifar10 not found in {tmp_path / 'no_data'}" in line and "data.download=true" in line
     # weights that do not match the architecture
     wrong = tmp_path / "wrong.safetensors"
     save_file({"conv1.weight": torch.zeros(3, 3, 3, 3)}, str(wrong))
-    line = _one_line(main_in_process(probe_main, ["--backbone", wrong, "--arch", "resnet18", "--dataset",
-                                                  "fashion_mnist"], expect=2))
+    line = _one_line(
+        main_in_process(probe_main, ["--backbone", wrong, "--arch", "resnet18", "--dataset", "fashion_mnist"], expect=2)
+    )
     assert "do not match the architecture" in line

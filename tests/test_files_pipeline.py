@@ -21,8 +21,9 @@ SIZE = 32
 
 
 def config(root, *overrides, recipe="recipes/imagenet/mocov3_r50.yaml"):
-    return load_config(recipe, [f"data.root={root}", f"data.image_size={SIZE}", "train.batch_size=8",
-                                "data.num_workers=0", *overrides])
+    return load_config(
+        recipe, [f"data.root={root}", f"data.image_size={SIZE}", "train.batch_size=8", "data.num_workers=0", *overrides]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +62,9 @@ def test_crop_boxes_follow_random_resized_crop_ks(photos):
         torch.manual_seed(0)
         ref = []
         for h, w in zip(heights.repeat(steps).tolist(), widths.repeat(steps).tolist()):
-            _, _, rh, rw = T.RandomResizedCrop.get_params(torch.empty(1, h, w), list(specs[0].scale),
-                                                          list(specs[0].ratio))
+            _, _, rh, rw = T.RandomResizedCrop.get_params(
+                torch.empty(1, h, w), list(specs[0].scale), list(specs[0].ratio)
+            )
             ref.append((rh * rw / (h * w), np.log(rw / rh)))
     ref = np.asarray(ref)
     assert ks_2samp(area.numpy(), ref[:, 0]).pvalue > 1e-3
@@ -81,8 +83,9 @@ def test_crops_are_torchvision_resized_crops(pngs):
     assert len(views) == len(crops.specs) == 3 and views[2].shape[1] < SIZE  # two global views, one local crop
     for i, image in enumerate(images):
         for v, spec in enumerate(crops.specs):
-            expected = TF.resized_crop(image, *boxes[i, v].tolist(), [spec.size, spec.size],
-                                       T.InterpolationMode.BILINEAR)
+            expected = TF.resized_crop(
+                image, *boxes[i, v].tolist(), [spec.size, spec.size], T.InterpolationMode.BILINEAR
+            )
             np.testing.assert_array_equal(views[v][i].numpy(), np.asarray(expected))
     assert labels.tolist() == [int(source.labels[r]) for r in rows]
 
@@ -153,7 +156,6 @@ def test_a_truncated_file_is_named(photos, tmp_path):
             pass
 
 
-
 def test_pretrain_refuses_a_folder_of_empty_files_in_one_line(tmp_path):
     from helpers import run_entry
 
@@ -162,9 +164,19 @@ def test_pretrain_refuses_a_folder_of_empty_files_in_one_line(tmp_path):
             folder = tmp_path / split / f"c{i % 2}"
             folder.mkdir(parents=True, exist_ok=True)
             (folder / f"{i}.jpg").write_bytes(b"")
-    result = run_entry("pretrain.py", "--config", "recipes/imagenet/mocov3_r50.yaml", f"data.root={tmp_path}",
-                       "data.image_size=32", "train.batch_size=4", "model.arch=resnet18", "model.width=0.25",
-                       f"output_dir={tmp_path / 'run'}", check=False, timeout=300)
+    result = run_entry(
+        "pretrain.py",
+        "--config",
+        "recipes/imagenet/mocov3_r50.yaml",
+        f"data.root={tmp_path}",
+        "data.image_size=32",
+        "train.batch_size=4",
+        "model.arch=resnet18",
+        "model.width=0.25",
+        f"output_dir={tmp_path / 'run'}",
+        check=False,
+        timeout=300,
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("pretrain.py: error: ")]
     assert len(errors) == 1 and "is empty (0 bytes)" in errors[0]

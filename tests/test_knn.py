@@ -25,7 +25,7 @@ def reference_scores(bank, bank_labels, queries, k, temperature, num_classes):
 
 
 def reference_accuracy(scores, labels):
-    ranked = np.argsort(-scores, axis=1, kind="stable")[:, :min(5, scores.shape[1])]
+    ranked = np.argsort(-scores, axis=1, kind="stable")[:, : min(5, scores.shape[1])]
     hits = ranked == labels.numpy()[:, None]
     return 100.0 * hits[:, 0].mean(), 100.0 * hits.any(axis=1).mean()
 
@@ -41,20 +41,29 @@ def random_problem(seed, n=400, m=90, dim=16, num_classes=7):
     return bank, bank_labels, queries, query_labels
 
 
-@pytest.mark.parametrize("k, temperature, batch_size", [
-    (1, 0.07, 4096), (7, 0.07, 13), (20, 0.02, 1), (50, 0.5, 32), (200, 0.1, 90),
-])
+@pytest.mark.parametrize(
+    "k, temperature, batch_size",
+    [
+        (1, 0.07, 4096),
+        (7, 0.07, 13),
+        (20, 0.02, 1),
+        (50, 0.5, 32),
+        (200, 0.1, 90),
+    ],
+)
 def test_matches_brute_force(k, temperature, batch_size):
     bank, bank_labels, queries, query_labels = random_problem(seed=k)
     expected = reference_scores(bank, bank_labels, queries, k, temperature, 7)
 
-    scores = knn_predict_scores(bank, bank_labels, queries, k=k, temperature=temperature, num_classes=7,
-                                batch_size=batch_size)
+    scores = knn_predict_scores(
+        bank, bank_labels, queries, k=k, temperature=temperature, num_classes=7, batch_size=batch_size
+    )
     np.testing.assert_allclose(scores.numpy(), expected, rtol=1e-4, atol=1e-6)
     assert torch.equal(scores.argmax(1), torch.from_numpy(expected.argmax(1)))
 
-    result = knn_classify(bank, bank_labels, queries, query_labels, ks=(k,), temperature=temperature,
-                          num_classes=7, batch_size=batch_size)
+    result = knn_classify(
+        bank, bank_labels, queries, query_labels, ks=(k,), temperature=temperature, num_classes=7, batch_size=batch_size
+    )
     top1, top5 = reference_accuracy(expected, query_labels)
     assert result[k]["top1"] == pytest.approx(top1) and result[k]["top5"] == pytest.approx(top5)
 
@@ -77,8 +86,7 @@ def test_sliced_search_matches_brute_force(three_threads_small_slices, batch_siz
     import faiss
 
     bank, bank_labels, queries, _ = random_problem(seed=21)
-    scores = knn_predict_scores(bank, bank_labels, queries, k=30, temperature=0.1, num_classes=7,
-                                batch_size=batch_size)
+    scores = knn_predict_scores(bank, bank_labels, queries, k=30, temperature=0.1, num_classes=7, batch_size=batch_size)
     expected = reference_scores(bank, bank_labels, queries, 30, 0.1, 7)
     np.testing.assert_allclose(scores.numpy(), expected, rtol=1e-4, atol=1e-6)
     assert faiss.omp_get_max_threads() == 3  # the pool threads' OpenMP setting did not leak into the caller's
@@ -95,7 +103,7 @@ def test_one_search_answers_every_k():
 def test_strong_vote_beats_two_weak_ones_at_low_temperature():
     # Query on the x axis. Neighbour A (class 0) has similarity 1.0; B and C (class 1) have 0.9 each;
     # D (class 1) points the other way and is not among the 3 nearest.
-    s = math.sqrt(1 - 0.9 ** 2)
+    s = math.sqrt(1 - 0.9**2)
     bank = torch.tensor([[1.0, 0.0], [0.9, s], [0.9, -s], [-1.0, 0.0]])
     bank_labels = torch.tensor([0, 1, 1, 1])
     query = torch.tensor([[1.0, 0.0]])
@@ -133,11 +141,15 @@ def test_normalisation_makes_the_vote_scale_invariant():
     bank, bank_labels, queries, _ = random_problem(seed=5)
     g = torch.Generator().manual_seed(0)
     scaled_bank = bank * torch.rand(len(bank), 1, generator=g).add(0.1) * 10
-    torch.testing.assert_close(knn_predict_scores(scaled_bank, bank_labels, queries * 3, k=20),
-                               knn_predict_scores(bank, bank_labels, queries, k=20))
+    torch.testing.assert_close(
+        knn_predict_scores(scaled_bank, bank_labels, queries * 3, k=20),
+        knn_predict_scores(bank, bank_labels, queries, k=20),
+    )
     # Without normalisation the raw inner product ranks, and the long vectors win.
-    assert not torch.allclose(knn_predict_scores(scaled_bank, bank_labels, queries, k=20, normalize=False),
-                              knn_predict_scores(bank, bank_labels, queries, k=20))
+    assert not torch.allclose(
+        knn_predict_scores(scaled_bank, bank_labels, queries, k=20, normalize=False),
+        knn_predict_scores(bank, bank_labels, queries, k=20),
+    )
 
 
 def test_low_temperature_does_not_overflow():

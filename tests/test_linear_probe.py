@@ -48,8 +48,16 @@ def test_cached_probes_separate_blobs_and_skip_diverged_heads():
     x, y = blobs(1500)
     tx, ty = blobs(500, seed=1)
     train, val = train_val_split(y, 0.2)
-    result = train_cached_probes(x[train], y[train], x[val], y[val], tx, ty, num_classes=5,
-                                 settings=CachedProbeSettings(lrs=(float("inf"), 0.01, 0.1), epochs=10, batch_size=128))
+    result = train_cached_probes(
+        x[train],
+        y[train],
+        x[val],
+        y[val],
+        tx,
+        ty,
+        num_classes=5,
+        settings=CachedProbeSettings(lrs=(float("inf"), 0.01, 0.1), epochs=10, batch_size=128),
+    )
     assert result["test_top1"] >= 99.0 and result["test_top5"] == 100.0
     assert result["grid"][0]["val_top1"] == -1.0  # the inf-lr head diverged and is marked, never chosen
     assert result["lr"] in (0.01, 0.1)
@@ -60,14 +68,21 @@ def test_cached_probes_choose_on_val_never_on_test():
     x, y = blobs(1200, spread=3.0)
     tx, ty = blobs(400, seed=1, spread=3.0)
     train, val = train_val_split(y, 0.25)
-    common = dict(num_classes=5, settings=CachedProbeSettings(lrs=(1e-4, 1e-3, 1e-2, 1e-1, 1.0),
-                                                              weight_decays=(0.0, 1e-2), epochs=5, batch_size=64))
+    common = dict(
+        num_classes=5,
+        settings=CachedProbeSettings(
+            lrs=(1e-4, 1e-3, 1e-2, 1e-1, 1.0), weight_decays=(0.0, 1e-2), epochs=5, batch_size=64
+        ),
+    )
     result = train_cached_probes(x[train], y[train], x[val], y[val], tx, ty, **common)
     grid_val = [g["val_top1"] for g in result["grid"]]
     assert len(grid_val) == 10 and len(set(grid_val)) > 1
     best = result["grid"][grid_val.index(max(grid_val))]
-    assert (result["lr"], result["weight_decay"], result["val_top1"]) == (best["lr"], best["weight_decay"],
-                                                                          max(grid_val))
+    assert (result["lr"], result["weight_decay"], result["val_top1"]) == (
+        best["lr"],
+        best["weight_decay"],
+        max(grid_val),
+    )
     # Scrambled test labels change the test score but not the choice: the test split plays no part in it.
     scrambled = train_cached_probes(x[train], y[train], x[val], y[val], tx, (ty + 1) % 5, **common)
     assert scrambled["grid"] == result["grid"] and scrambled["lr"] == result["lr"]
@@ -99,8 +114,9 @@ def test_augmented_probe_runs_and_leaves_backbone_as_it_was():
 
 def test_augmented_probe_standardises_with_training_feature_statistics(tmp_path):
     backbone, train_set, test_set = helper.build()
-    train_augmented_probe(backbone, train_set, test_set, checkpoint_dir=tmp_path, settings=helper.settings(epochs=1),
-                          **helper.PROBE)
+    train_augmented_probe(
+        backbone, train_set, test_set, checkpoint_dir=tmp_path, settings=helper.settings(epochs=1), **helper.PROBE
+    )
     state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
     backbone.eval()  # 64 training images: all of them fix the statistics, through the backbone in eval mode
     with torch.no_grad():
@@ -108,8 +124,14 @@ def test_augmented_probe_standardises_with_training_feature_statistics(tmp_path)
     torch.testing.assert_close(state["feature_mean"], feats.mean(0))
     torch.testing.assert_close(state["feature_inv_std"], torch.rsqrt(feats.var(0, unbiased=False) + 1e-6))
 
-    train_augmented_probe(backbone, train_set, test_set, checkpoint_dir=tmp_path / "raw",
-                          settings=helper.settings(epochs=1, standardize=False), **helper.PROBE)
+    train_augmented_probe(
+        backbone,
+        train_set,
+        test_set,
+        checkpoint_dir=tmp_path / "raw",
+        settings=helper.settings(epochs=1, standardize=False),
+        **helper.PROBE,
+    )
     raw = torch.load(tmp_path / "raw" / CHECKPOINT_NAME, weights_only=True)
     assert torch.equal(raw["feature_mean"], torch.zeros(helper.FEATURE_DIM))
     assert torch.equal(raw["feature_inv_std"], torch.ones(helper.FEATURE_DIM))
@@ -119,10 +141,17 @@ def test_lars_probe_scales_every_weight_step_by_the_trust_ratio(tmp_path):
     """optimizer="lars" (SimSiam's probe, weight decay 0): each step moves the head's weight matrix by
     trust_coefficient (0.001) x lr x its norm, where plain SGD at this lr rewrites it. LARS needs thousands of such
     steps to learn, so a few steps show the update it makes, not an accuracy."""
+
     def head_weight(name, **changes):
         backbone, train_set, test_set = helper.build()
-        result = train_augmented_probe(backbone, train_set, test_set, checkpoint_dir=tmp_path / name,
-                                       settings=helper.settings(epochs=1, **changes), **helper.PROBE)
+        result = train_augmented_probe(
+            backbone,
+            train_set,
+            test_set,
+            checkpoint_dir=tmp_path / name,
+            settings=helper.settings(epochs=1, **changes),
+            **helper.PROBE,
+        )
         return result, torch.load(tmp_path / name / CHECKPOINT_NAME, weights_only=True)["head"]["weight"]
 
     _, initial = head_weight("untrained", base_lr=1e-30)  # the same seeded initial head, never moved
@@ -161,8 +190,9 @@ class Interrupt(Exception):
 
 def test_resume_from_epoch_checkpoint_equals_uninterrupted_run(tmp_path):
     backbone, train_set, test_set = helper.build()
-    straight = train_augmented_probe(backbone, train_set, test_set, checkpoint_dir=tmp_path / "a",
-                                     settings=helper.settings(), **helper.PROBE)
+    straight = train_augmented_probe(
+        backbone, train_set, test_set, checkpoint_dir=tmp_path / "a", settings=helper.settings(), **helper.PROBE
+    )
 
     # Second run: killed in its second epoch (the first epoch's checkpoint is on disk), then resumed.
     forwards = 0
@@ -175,12 +205,14 @@ def test_resume_from_epoch_checkpoint_equals_uninterrupted_run(tmp_path):
 
     handle = backbone.register_forward_hook(interrupt)
     with pytest.raises(Interrupt):
-        train_augmented_probe(backbone, train_set, test_set, checkpoint_dir=tmp_path / "b", settings=helper.settings(),
-                              **helper.PROBE)
+        train_augmented_probe(
+            backbone, train_set, test_set, checkpoint_dir=tmp_path / "b", settings=helper.settings(), **helper.PROBE
+        )
     handle.remove()
     assert torch.load(tmp_path / "b" / CHECKPOINT_NAME, weights_only=True)["epoch"] == 1
-    resumed = train_augmented_probe(backbone, train_set, test_set, checkpoint_dir=tmp_path / "b",
-                                    settings=helper.settings(), **helper.PROBE)
+    resumed = train_augmented_probe(
+        backbone, train_set, test_set, checkpoint_dir=tmp_path / "b", settings=helper.settings(), **helper.PROBE
+    )
 
     a = torch.load(tmp_path / "a" / CHECKPOINT_NAME, weights_only=True)
     b = torch.load(tmp_path / "b" / CHECKPOINT_NAME, weights_only=True)
@@ -191,13 +223,20 @@ def test_resume_from_epoch_checkpoint_equals_uninterrupted_run(tmp_path):
     assert not list((tmp_path / "b").glob("*.tmp"))
 
     with pytest.raises(UserError, match="base_lr"):  # other settings: refuse rather than mix two runs
-        train_augmented_probe(backbone, train_set, test_set, checkpoint_dir=tmp_path / "b",
-                              settings=helper.settings(base_lr=0.1), **helper.PROBE)
+        train_augmented_probe(
+            backbone,
+            train_set,
+            test_set,
+            checkpoint_dir=tmp_path / "b",
+            settings=helper.settings(base_lr=0.1),
+            **helper.PROBE,
+        )
     with torch.no_grad():
         backbone[0].bias.add_(1.0)
     with pytest.raises(UserError, match="another backbone"):
-        train_augmented_probe(backbone, train_set, test_set, checkpoint_dir=tmp_path / "b", settings=helper.settings(),
-                              **helper.PROBE)
+        train_augmented_probe(
+            backbone, train_set, test_set, checkpoint_dir=tmp_path / "b", settings=helper.settings(), **helper.PROBE
+        )
 
 
 def test_two_processes_match_one(tmp_path):
@@ -208,8 +247,9 @@ def test_two_processes_match_one(tmp_path):
     # Each process takes half of every global batch and DDP averages the gradients: the same steps as one
     # process with the whole batch, up to float summation order.
     backbone, train_set, test_set = helper.build()
-    one = train_augmented_probe(backbone, train_set, test_set, checkpoint_dir=tmp_path / "one",
-                                settings=helper.settings(), **helper.PROBE)
+    one = train_augmented_probe(
+        backbone, train_set, test_set, checkpoint_dir=tmp_path / "one", settings=helper.settings(), **helper.PROBE
+    )
     one_head = torch.load(tmp_path / "one" / CHECKPOINT_NAME, weights_only=True)["head"]
     for name in one_head:
         torch.testing.assert_close(two_head[name], one_head[name], rtol=1e-4, atol=1e-6)

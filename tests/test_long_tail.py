@@ -113,13 +113,16 @@ def test_balanced_evaluation_splits_are_untouched():
     assert len(train) == 60000
 
 
-@pytest.mark.parametrize("extra", [
-    {"limit": 300},
-    {"limit": 3000, "imbalance_ratio": 10.0},
-    {"holdout": 59000, "imbalance_ratio": 100.0},
-    {"holdout": 58000, "limit": 1500, "imbalance_ratio": 3.0},
-    {"imbalance_ratio": 100.0},
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"limit": 300},
+        {"limit": 3000, "imbalance_ratio": 10.0},
+        {"holdout": 59000, "imbalance_ratio": 100.0},
+        {"holdout": 58000, "limit": 1500, "imbalance_ratio": 3.0},
+        {"imbalance_ratio": 100.0},
+    ],
+)
 def test_in_memory_images_equal_pretrain_dataset_item_by_item(extra):
     cfg = DataConfig(name="fashion_mnist", **extra)
     images, labels = in_memory_pretrain_images(cfg)
@@ -237,8 +240,9 @@ def _clusters(n_per_class, num_classes, dim=16, seed=0, confuse=None):
 def test_knn_predictions_and_report_on_synthetic_features():
     bank, bank_y = _clusters(30, 4, seed=1)
     queries, query_y = _clusters(10, 4, seed=2, confuse=3)  # class 3's queries look like class 0
-    scores, predictions = knn_classify_predictions(bank, bank_y, queries, query_y, ks=(5, 20), temperature=0.1,
-                                                   num_classes=4)
+    scores, predictions = knn_classify_predictions(
+        bank, bank_y, queries, query_y, ks=(5, 20), temperature=0.1, num_classes=4
+    )
     assert scores == knn_classify(bank, bank_y, queries, query_y, ks=(5, 20), temperature=0.1, num_classes=4)
     for k in (5, 20):
         assert predictions[k].dtype == torch.long and len(predictions[k]) == 40
@@ -246,16 +250,22 @@ def test_knn_predictions_and_report_on_synthetic_features():
     report = per_class_report(predictions[20], query_y, 4, class_counts=[300, 100, 30, 3])
     assert report["per_class"] == [100.0, 100.0, 100.0, 0.0]
     assert (report["many"], report["medium"], report["few"]) == (100.0, 100.0, 0.0)
-    assert report["class_std"] == pytest.approx(math.sqrt(3 * 25.0 ** 2 + 75.0 ** 2) / 2)  # std of 100,100,100,0
+    assert report["class_std"] == pytest.approx(math.sqrt(3 * 25.0**2 + 75.0**2) / 2)  # std of 100,100,100,0
 
     features = SplitFeatures(bank, bank_y, queries, query_y)
     settings = KnnSettings(ks=(20,), temperature=0.1)
     assert knn_evaluate_predictions(features, settings, 4)[0] == knn_evaluate(features, settings, 4)
     line = knn_frequency_metrics(features, settings, 4, [300, 100, 30, 3])
-    assert line == {"knn_top1": 75.0, "knn_top5": 100.0, "knn_k": 20, "knn_many": 100.0, "knn_medium": 100.0,
-                    "knn_few": 0.0, "knn_class_std": report["class_std"]}
-    assert set(knn_frequency_metrics(features, settings, 4, None)) == {"knn_top1", "knn_top5", "knn_k",
-                                                                        "knn_class_std"}
+    assert line == {
+        "knn_top1": 75.0,
+        "knn_top5": 100.0,
+        "knn_k": 20,
+        "knn_many": 100.0,
+        "knn_medium": 100.0,
+        "knn_few": 0.0,
+        "knn_class_std": report["class_std"],
+    }
+    assert set(knn_frequency_metrics(features, settings, 4, None)) == {"knn_top1", "knn_top5", "knn_k", "knn_class_std"}
 
 
 def test_cached_probe_predictions_match_its_top1():
@@ -265,8 +275,7 @@ def test_cached_probe_predictions_match_its_top1():
     test_x, test_y = _clusters(20, 3, seed=4)
     settings = CachedProbeSettings(lrs=(0.1,), epochs=5, batch_size=32)
     plain = train_cached_probes(x[::2], y[::2], x[1::2], y[1::2], test_x, test_y, 3, settings)
-    result = train_cached_probes(x[::2], y[::2], x[1::2], y[1::2], test_x, test_y, 3, settings,
-                                 return_predictions=True)
+    result = train_cached_probes(x[::2], y[::2], x[1::2], y[1::2], test_x, test_y, 3, settings, return_predictions=True)
     predictions = result.pop("test_predictions")
     assert result == plain and "test_predictions" not in plain
     assert 100.0 * (predictions == test_y).double().mean().item() == pytest.approx(result["test_top1"])
@@ -284,8 +293,19 @@ def test_knn_and_linear_probe_clis_report_the_new_keys(tmp_path):
     backbone, _ = build_backbone(ModelConfig(width=0.25), 1, 28)
     weights = tmp_path / "backbone.safetensors"
     export_backbone(backbone, weights)
-    common = ["--backbone", str(weights), "--arch", "resnet18", "--dataset", "fashion_mnist", "model.width=0.25",
-              "data.limit=600", "data.val_limit=300", "data.num_workers=0", "data.imbalance_ratio=10"]
+    common = [
+        "--backbone",
+        str(weights),
+        "--arch",
+        "resnet18",
+        "--dataset",
+        "fashion_mnist",
+        "model.width=0.25",
+        "data.limit=600",
+        "data.val_limit=300",
+        "data.num_workers=0",
+        "data.imbalance_ratio=10",
+    ]
     from knn_eval.__main__ import main as knn_main
     from linear_probe.__main__ import main as probe_main
 

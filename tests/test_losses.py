@@ -16,8 +16,9 @@ def tiny_backbone():
 
 
 def test_simsiam_symmetric_negative_cosine_by_hand():
-    method = SimSiam(tiny_backbone(), 8, MethodConfig(proj_hidden_dim=8, proj_dim=2, pred_hidden_dim=4),
-                     BatchFormerConfig())
+    method = SimSiam(
+        tiny_backbone(), 8, MethodConfig(proj_hidden_dim=8, proj_dim=2, pred_hidden_dim=4), BatchFormerConfig()
+    )
     p1, z2 = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 1.0]])  # cos = 1/sqrt(2)
     p2, z1 = torch.tensor([[0.0, 1.0]]), torch.tensor([[3.0, 0.0]])  # cos = 0
     loss = method.loss([p1, p2], [z1, z2])
@@ -25,8 +26,9 @@ def test_simsiam_symmetric_negative_cosine_by_hand():
 
 
 def test_simsiam_targets_are_stop_gradient():
-    method = SimSiam(tiny_backbone(), 8, MethodConfig(proj_hidden_dim=8, proj_dim=2, pred_hidden_dim=4),
-                     BatchFormerConfig())
+    method = SimSiam(
+        tiny_backbone(), 8, MethodConfig(proj_hidden_dim=8, proj_dim=2, pred_hidden_dim=4), BatchFormerConfig()
+    )
     p1, p2 = torch.randn(3, 2, requires_grad=True), torch.randn(3, 2, requires_grad=True)
     z1, z2 = torch.randn(3, 2, requires_grad=True), torch.randn(3, 2, requires_grad=True)
     method.loss([p1, p2], [z1, z2]).backward()
@@ -85,9 +87,13 @@ def test_moco_forward_is_the_symmetric_loss_and_updates_the_momentum_encoder():
         q1, q2 = (method.predictor(method.projector(method.backbone(x))) for x in views)
         k1, k2 = (method.projector_momentum(method.backbone_momentum(x)) for x in views)
     # Recompute ctr(q1, k2) + ctr(q2, k1) directly (BN in train mode, same batch: same statistics).
-    expected = sum(torch.nn.functional.cross_entropy(
-        torch.nn.functional.normalize(q, dim=1) @ torch.nn.functional.normalize(k, dim=1).T / 0.2,
-        torch.arange(6)) * 0.4 for q, k in ((q1, k2), (q2, k1)))
+    expected = sum(
+        torch.nn.functional.cross_entropy(
+            torch.nn.functional.normalize(q, dim=1) @ torch.nn.functional.normalize(k, dim=1).T / 0.2, torch.arange(6)
+        )
+        * 0.4
+        for q, k in ((q1, k2), (q2, k1))
+    )
     assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
@@ -95,12 +101,17 @@ def test_two_view_losses_are_the_papers_formulas_exactly():
     """The list form (cross_view_loss) gives the two-view formulas bit for bit: the recipes' losses unchanged."""
     torch.manual_seed(0)
     q1, q2, k1, k2 = (torch.randn(5, 4) for _ in range(4))
-    moco = MoCoV3(tiny_backbone(), 8, MethodConfig(name="mocov3", proj_hidden_dim=8, proj_dim=4, temperature=0.2),
-                  BatchFormerConfig())
+    moco = MoCoV3(
+        tiny_backbone(),
+        8,
+        MethodConfig(name="mocov3", proj_hidden_dim=8, proj_dim=4, temperature=0.2),
+        BatchFormerConfig(),
+    )
     expected = contrastive_loss(q1, k2, 0.2) + contrastive_loss(q2, k1, 0.2)
     assert torch.equal(moco.loss([q1, q2], [k1, k2]), expected)
-    simsiam = SimSiam(tiny_backbone(), 8, MethodConfig(proj_hidden_dim=8, proj_dim=4, pred_hidden_dim=4),
-                      BatchFormerConfig())
+    simsiam = SimSiam(
+        tiny_backbone(), 8, MethodConfig(proj_hidden_dim=8, proj_dim=4, pred_hidden_dim=4), BatchFormerConfig()
+    )
     cos = torch.nn.functional.cosine_similarity
     expected = 0.5 * (-cos(q1, k2).mean() - cos(q2, k1).mean())
     assert torch.equal(simsiam.loss([q1, q2], [k1, k2]), expected)

@@ -29,8 +29,16 @@ def tiny_backbone():
 
 
 def tiny(name: str, batchformer: bool = False, **method) -> torch.nn.Module:
-    cfg = MethodConfig(name=name, proj_hidden_dim=16, proj_dim=16, proj_layers=2, pred_hidden_dim=8,
-                       dino_bottleneck_dim=8, temperature=0.2, **method)
+    cfg = MethodConfig(
+        name=name,
+        proj_hidden_dim=16,
+        proj_dim=16,
+        proj_layers=2,
+        pred_hidden_dim=8,
+        dino_bottleneck_dim=8,
+        temperature=0.2,
+        **method,
+    )
     extra = {"epochs": 2} if name == "dino" else {}
     return METHODS[name](tiny_backbone(), 8, cfg, BatchFormerConfig(enabled=batchformer, dropout=0.0), **extra)
 
@@ -134,8 +142,9 @@ def test_dino_centre_is_the_ema_of_the_teachers_batch_mean():
     views = [torch.randn(4, 12), torch.randn(4, 12)]
     method(views, 0, 10)
     with torch.no_grad():  # the teacher as this step used it (its EMA update came before its forward)
-        out = torch.cat([method.predictor_momentum(method.projector_momentum(method.backbone_momentum(x)))
-                         for x in views])
+        out = torch.cat(
+            [method.predictor_momentum(method.projector_momentum(method.backbone_momentum(x))) for x in views]
+        )
     assert torch.allclose(method.center, 0.1 * out.mean(dim=0, keepdim=True), atol=1e-7)
     method.eval()(views, 0, 10)  # evaluation changes nothing
     assert torch.allclose(method.center, 0.1 * out.mean(dim=0, keepdim=True), atol=1e-7)
@@ -174,8 +183,9 @@ def test_batchformer_stream_trains_and_targets_stay_original(name):
     out = method(views, 0, 10)
     assert out["loss"].item() == pytest.approx((out["loss_main"] + out["loss_bf"]).item(), rel=1e-6)
     out["loss"].backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in method.batchformer.parameters()
-               if p.ndim > 1), "BatchFormer must receive gradients"
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in method.batchformer.parameters() if p.ndim > 1), (
+        "BatchFormer must receive gradients"
+    )
     momentum = [p for n, p in method.named_parameters() if "momentum" in n]
     assert (len(momentum) > 0) == (name in ("byol", "dino"))
     assert all(p.grad is None for p in momentum)
@@ -200,8 +210,9 @@ def test_symmetric_batchformer_stream_is_its_own_batch():
 def test_multi_crop_views_run_through_each_method(name):
     """Two global crops and two smaller local crops (any number of views flows through the loop)."""
     backbone = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(), torch.nn.Linear(12, 8))
-    cfg = MethodConfig(name=name, proj_hidden_dim=16, proj_dim=16, proj_layers=2, pred_hidden_dim=8,
-                       dino_bottleneck_dim=8)
+    cfg = MethodConfig(
+        name=name, proj_hidden_dim=16, proj_dim=16, proj_layers=2, pred_hidden_dim=8, dino_bottleneck_dim=8
+    )
     extra = {"epochs": 1} if name == "dino" else {}
     method = METHODS[name](backbone, 8, cfg, BatchFormerConfig(enabled=True, dropout=0.0), **extra)
     views = [torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8), torch.randn(4, 3, 4, 4), torch.randn(4, 3, 4, 4)]
@@ -221,10 +232,26 @@ def test_gathered_losses_and_methods_on_two_processes_equal_one(tmp_path):
     script = REPO / "tests" / "helpers" / "methods_2proc.py"
     reference = tmp_path / "reference.pt"
     subprocess.run([sys.executable, str(script), str(reference)], check=True, timeout=300)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                             "127.0.0.1", "--master_port", str(free_port()), str(script), str(reference)],
-                            cwd=REPO, capture_output=True, text=True, timeout=400,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            str(script),
+            str(reference),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("ok ") == 3 * 2 + 5, result.stdout
 
@@ -237,7 +264,7 @@ def test_methods_study_is_quality_py_over_every_method_beside_its_twin():
     study = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(study)
     argv = study.quality_argv(["--seeds", "0", "--holdout", "200"])
-    recipes = argv[1:argv.index("--out")]
+    recipes = argv[1 : argv.index("--out")]
     assert recipes == [f"{m}{bf}" for m in ["simsiam", "mocov3", *NEW] for bf in ("", "_bf")]
     assert all((REPO / "recipes" / "fashion_mnist" / f"{r}.yaml").is_file() for r in recipes)
     assert argv[argv.index("--out") + 1].endswith("methods_study") and argv[-4:] == ["--seeds", "0", "--holdout", "200"]

@@ -25,8 +25,15 @@ def test_accelerate_launch_uses_all_cores_unless_told_otherwise():
     # The user's choice stands: OMP_NUM_THREADS in the launcher's environment, or Accelerate's own flag.
     told = run_entry("--num_processes", "1", *PLAN, launcher="accelerate", env={"OMP_NUM_THREADS": "1"})
     assert "1 CPU threads each" in threads_line(told)
-    flag = run_entry("--num_processes", "1", "--num_cpu_threads_per_process", "1", *PLAN, launcher="accelerate",
-                     env={"OMP_NUM_THREADS": None})
+    flag = run_entry(
+        "--num_processes",
+        "1",
+        "--num_cpu_threads_per_process",
+        "1",
+        *PLAN,
+        launcher="accelerate",
+        env={"OMP_NUM_THREADS": None},
+    )
     assert "1 CPU threads each" in threads_line(flag)
 
 
@@ -69,9 +76,16 @@ def test_collapse_alarm_fires_once_and_flags_the_step(tmp_path, capsys):
     run (about 1 / sqrt(d)) counts as collapsed, so the alarm must fire exactly once, at the 3rd logged step.
     (A real collapse cannot be forced in a few steps: the projector's non-affine output BN holds z_std near
     1 / sqrt(d) until the whole network has degenerated; batchssl.collapse's tests cover the detector itself.)"""
-    pretrain_in_process([*TINY, "monitor.collapse_fraction=2", "monitor.collapse_patience=3", "monitor.enabled=false",
-                         f"output_dir={tmp_path}"])
+    pretrain_in_process(
+        [
+            *TINY,
+            "monitor.collapse_fraction=2",
+            "monitor.collapse_patience=3",
+            "monitor.enabled=false",
+            f"output_dir={tmp_path}",
+        ]
+    )
     assert capsys.readouterr().out.count("collapse alarm:") == 1
     steps = [m for m in read_metrics(tmp_path) if "loss" in m]
     assert [m["step"] for m in steps if m.get("collapse_alarm")] == [3]
-    assert all(m["z_std"] < 2 / 128 ** 0.5 for m in steps)
+    assert all(m["z_std"] < 2 / 128**0.5 for m in steps)

@@ -20,15 +20,36 @@ import pytest
 
 from helpers import REPO, TINY, free_port, run_pretrain, step_lines, step_losses
 
-RUN = ["--config", "recipes/fashion_mnist/mocov3_bf.yaml", *TINY, "batchformer.gather=true",
-       "batchformer.dropout=0.0", "monitor.enabled=false"]
+RUN = [
+    "--config",
+    "recipes/fashion_mnist/mocov3_bf.yaml",
+    *TINY,
+    "batchformer.gather=true",
+    "batchformer.dropout=0.0",
+    "monitor.enabled=false",
+]
 
 
 def two_node_command(node_rank: int, port: int) -> list[str]:
     """What a user types on node `node_rank` (README, "N nodes"), with this machine as both nodes."""
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-            "--node-rank", str(node_rank), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
-            "--rdzv-conf", "join_timeout=120", "pretrain.py"]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "1",
+        "--node-rank",
+        str(node_rank),
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{port}",
+        "--rdzv-conf",
+        "join_timeout=120",
+        "pretrain.py",
+    ]
 
 
 def run_two_nodes(args: list[str], logs, timeout: float = 300) -> None:
@@ -38,8 +59,16 @@ def run_two_nodes(args: list[str], logs, timeout: float = 300) -> None:
     try:
         for node in (0, 1):
             with open(logs / f"node{node}.log", "w") as log:  # the child keeps its own copy of the descriptor
-                procs.append(subprocess.Popen([*two_node_command(node, port), *args], cwd=REPO, env=env, stdout=log,
-                                              stderr=subprocess.STDOUT, text=True))
+                procs.append(
+                    subprocess.Popen(
+                        [*two_node_command(node, port), *args],
+                        cwd=REPO,
+                        env=env,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        text=True,
+                    )
+                )
             time.sleep(1)  # node 0 first, so that it hosts the rendezvous store
         deadline = time.monotonic() + timeout
         codes = [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
@@ -67,12 +96,15 @@ def test_a_node_that_never_joins_ends_with_one_line_naming_the_endpoint_and_time
     port = free_port()
     cmd = [sys.executable, "-m", "batchssl.launch", *two_node_command(0, port)[3:]]
     cmd[cmd.index("join_timeout=120")] = "join_timeout=2"
-    result = subprocess.run([*cmd, *RUN, f"output_dir={tmp_path}"], cwd=REPO, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [*cmd, *RUN, f"output_dir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 2
     assert result.stdout == "" and result.stderr.count("\n") == 1, result.stderr[-3000:]
-    assert result.stderr.startswith(f"batchssl.launch: error: not every node joined the rendezvous at "
-                                    f"127.0.0.1:{port} within 2 s (--nnodes 2; torchrun --rdzv-conf join_timeout=")
+    assert result.stderr.startswith(
+        f"batchssl.launch: error: not every node joined the rendezvous at "
+        f"127.0.0.1:{port} within 2 s (--nnodes 2; torchrun --rdzv-conf join_timeout="
+    )
     assert not any(tmp_path.iterdir())  # no training process started: nothing written
 
 
@@ -97,15 +129,34 @@ def test_a_process_whose_group_never_forms_ends_with_one_line(tmp_path):
     # Processes started without a launcher's rendezvous (srun or mpirun starting pretrain.py itself): rank 0 of 2
     # alone waits for the other at MASTER_ADDR:MASTER_PORT for BATCHSSL_DIST_TIMEOUT_S, then stops.
     port = free_port()
-    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "BATCHSSL_DIST_TIMEOUT_S": "2",
-           "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "pretrain.py", *RUN, f"output_dir={tmp_path / 'run'}"], cwd=REPO,
-                            env=env, capture_output=True, text=True, timeout=120)
+    env = {
+        **os.environ,
+        "RANK": "0",
+        "WORLD_SIZE": "2",
+        "LOCAL_RANK": "0",
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "BATCHSSL_DIST_TIMEOUT_S": "2",
+        "OMP_NUM_THREADS": "1",
+    }
+    result = subprocess.run(
+        [sys.executable, "pretrain.py", *RUN, f"output_dir={tmp_path / 'run'}"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith(
-        f"pretrain.py: error: the 2 processes of this run did not all join the process group at 127.0.0.1:{port} "
-        "within 2 s (BATCHSSL_DIST_TIMEOUT_S): ")
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            f"pretrain.py: error: the 2 processes of this run did not all join the process group at 127.0.0.1:{port} "
+            "within 2 s (BATCHSSL_DIST_TIMEOUT_S): "
+        )
+    )
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
 
@@ -138,8 +189,9 @@ def test_scale_on_paper_counts_by_hand():
     plain = comm.census(cfg)
     assert (len(plain.bn_forward), len(plain.bn_backward)) == (90, 46)
     assert plain.key_gathers == [(1.0, 128, 4)] * 2 and plain.bf_gathers == []
-    with_bf = comm.census(load_config(REPO / "recipes" / "fashion_mnist" / "mocov3_bf.yaml",
-                                      ["batchformer.gather=true"]))
+    with_bf = comm.census(
+        load_config(REPO / "recipes" / "fashion_mnist" / "mocov3_bf.yaml", ["batchformer.gather=true"])
+    )
     assert with_bf.key_gathers == [(1.0, 128, 4)] * 4
     assert len(with_bf.bf_gathers) == 1 and with_bf.bf_gathers[0][:2] == (2.0, 128)  # both views' rows, joint scope
     assert with_bf.trainable_params > plain.trainable_params  # the BatchFormer layer's weights are all-reduced too

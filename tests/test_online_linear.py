@@ -26,7 +26,7 @@ def train(probe: OnlineLinear, x, y, steps: int, batch: int = 64, start: int = 0
     losses = []
     for step in range(start, start + steps):
         i = (step * batch) % len(x)
-        losses.append(probe.train_step(x[i:i + batch], y[i:i + batch], step, total or start + steps))
+        losses.append(probe.train_step(x[i : i + batch], y[i : i + batch], step, total or start + steps))
     return losses
 
 
@@ -60,8 +60,9 @@ def test_unlabelled_rows_are_skipped():
     assert probe.train_step(x[:64], torch.full((64,), -1), 3, 10) is None
     after = {k: v for k, v in probe.state_dict().items() if torch.is_tensor(v)}
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert all(torch.equal(m, probe.optimizer.state[p]["momentum_buffer"])
-               for m, p in zip(momentum, probe.linear.parameters()))
+    assert all(
+        torch.equal(m, probe.optimizer.state[p]["momentum_buffer"]) for m, p in zip(momentum, probe.linear.parameters())
+    )
 
 
 def test_mixed_batch_equals_its_labelled_rows():
@@ -72,8 +73,9 @@ def test_mixed_batch_equals_its_labelled_rows():
     la = a.train_step(x, y_mixed, 0, 10)
     lb = b.train_step(x[1::2], y[1::2], 0, 10)
     assert torch.equal(la, lb)
-    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values())
-               if torch.is_tensor(p))
+    assert all(
+        torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()) if torch.is_tensor(p)
+    )
 
 
 def test_single_labelled_row_uses_running_statistics():

@@ -19,8 +19,10 @@ from batchssl.optim import LARS, apply_lr, scheduled_lr, warmup_cosine
 
 def _groups(model: nn.Module) -> list[dict]:
     # The trainer's layout: weights with decay, norms and biases without (no trust ratio there).
-    return [{"params": [p for p in model.parameters() if p.ndim > 1], "weight_decay": 1e-4},
-            {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0}]
+    return [
+        {"params": [p for p in model.parameters() if p.ndim > 1], "weight_decay": 1e-4},
+        {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0},
+    ]
 
 
 def test_lars_equals_lightly_on_the_trainer_groups():
@@ -85,14 +87,17 @@ def test_moco_momentum_is_the_papers_formula():
         assert moco_momentum(t, 100, 0.99) == pytest.approx(expected)
         # method.momentum_final: the same half cosine ending at 0.996 instead of 1; at m0 it is a constant.
         assert moco_momentum(t, 100, 0.99, 0.996) == pytest.approx(
-            0.996 - (0.996 - 0.99) * (math.cos(math.pi * t / 100) + 1) / 2)
+            0.996 - (0.996 - 0.99) * (math.cos(math.pi * t / 100) + 1) / 2
+        )
         assert moco_momentum(t, 100, 0.99, 0.99) == pytest.approx(0.99)
 
 
 def test_apply_lr_honours_lr_scale_and_fixed_lr():
     params = [nn.Parameter(torch.zeros(1)) for _ in range(3)]
-    opt = torch.optim.SGD([{"params": [params[0]]}, {"params": [params[1]], "lr_scale": 0.1},
-                           {"params": [params[2]], "fixed_lr": True}], lr=0.0)
+    opt = torch.optim.SGD(
+        [{"params": [params[0]]}, {"params": [params[1]], "lr_scale": 0.1}, {"params": [params[2]], "fixed_lr": True}],
+        lr=0.0,
+    )
     apply_lr(opt, lr=0.5, peak=2.0)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.5, 0.05, 2.0])
 

@@ -19,9 +19,18 @@ from batchssl.train import Callback, train
 from helpers import REPO, knn_lines, own_process_state, step_lines, step_losses
 
 # 64 fake images in batches of 16: 4 steps an epoch, 2 epochs, a kNN line and an epoch checkpoint each epoch.
-SHRUNK = ["train.epochs=2", "train.batch_size=16", "train.log_every_n_steps=1", "data.image_size=16",
-          "model.width=0.125", "method.proj_hidden_dim=64", "method.proj_dim=32", "monitor.every_n_epochs=1",
-          "checkpoint.every_n_epochs=1", "checkpoint.keep_last=10"]
+SHRUNK = [
+    "train.epochs=2",
+    "train.batch_size=16",
+    "train.log_every_n_steps=1",
+    "data.image_size=16",
+    "model.width=0.125",
+    "method.proj_hidden_dim=64",
+    "method.proj_dim=32",
+    "monitor.every_n_epochs=1",
+    "checkpoint.every_n_epochs=1",
+    "checkpoint.keep_last=10",
+]
 
 
 def fake_split(cfg, split):
@@ -185,8 +194,9 @@ def test_step_checkpoint_with_loader_workers_resumes_exactly(tmp_path, fake_data
     run(tmp_path / "crashed", *workers, "checkpoint.every_n_steps=2")
     assert step_lines(tmp_path / "crashed") == list(range(1, 9))
     assert step_losses(tmp_path / "crashed") == step_losses(tmp_path / "straight")
-    assert (tmp_path / "crashed" / "backbone.safetensors").read_bytes() == \
-        (tmp_path / "straight" / "backbone.safetensors").read_bytes()
+    assert (tmp_path / "crashed" / "backbone.safetensors").read_bytes() == (
+        tmp_path / "straight" / "backbone.safetensors"
+    ).read_bytes()
 
 
 def test_online_probe_trains_on_the_global_views_only(tmp_path, fake_data, monkeypatch):

@@ -35,16 +35,28 @@ def twin(path: Path) -> Path:
 def test_the_recipe_set_is_complete():
     names = {rid(p) for p in RECIPES}
     expected = set()
-    for ds, methods in {"cifar10": ["simsiam", "mocov3", "mocov3_vit"], "cifar100": ["simsiam", "mocov3", "mocov3_vit"],
-                        "stl10": ["simsiam", "mocov3"], "imagenet100": ["simsiam", "mocov3_r50", "mocov3_vit_small"],
-                        "imagenet": ["simsiam", "mocov3_r50", "mocov3_vit_small"]}.items():
+    for ds, methods in {
+        "cifar10": ["simsiam", "mocov3", "mocov3_vit"],
+        "cifar100": ["simsiam", "mocov3", "mocov3_vit"],
+        "stl10": ["simsiam", "mocov3"],
+        "imagenet100": ["simsiam", "mocov3_r50", "mocov3_vit_small"],
+        "imagenet": ["simsiam", "mocov3_r50", "mocov3_vit_small"],
+    }.items():
         expected |= {f"{ds}/{m}{bf}" for m in methods for bf in ("", "_bf")}
     # long-tailed (imbalance ratio 100), with and without BatchFormer; Fashion-MNIST also balanced at the LT size
     expected |= {f"{ds}/mocov3{bf}_lt" for ds in ("cifar10", "cifar100") for bf in ("", "_bf")}
-    expected |= {f"fashion_mnist/{m}{bf}_lt{tail}" for m in ("simsiam", "mocov3") for bf in ("", "_bf")
-                 for tail in ("", "_balanced")}
-    expected |= {f"{ds}/{m}{bf}" for ds in ("fashion_mnist", "cifar10", "cifar100", "imagenet")
-                 for m in ("byol", "simclr", "barlowtwins", "vicreg", "dino") for bf in ("", "_bf")}
+    expected |= {
+        f"fashion_mnist/{m}{bf}_lt{tail}"
+        for m in ("simsiam", "mocov3")
+        for bf in ("", "_bf")
+        for tail in ("", "_balanced")
+    }
+    expected |= {
+        f"{ds}/{m}{bf}"
+        for ds in ("fashion_mnist", "cifar10", "cifar100", "imagenet")
+        for m in ("byol", "simclr", "barlowtwins", "vicreg", "dino")
+        for bf in ("", "_bf")
+    }
     assert expected <= names, f"missing recipes: {sorted(expected - names)}"
 
 
@@ -63,8 +75,11 @@ def test_batchformer_recipe_equals_its_twin_but_for_batchformer(path):
     # Methods with no head after the projector (SimCLR, Barlow Twins, VICReg) take BatchFormer on the backbone, so
     # that the projector is the head both streams share (docs/methods.md).
     position = "backbone" if bf["method"]["name"] in ("simclr", "barlowtwins", "vicreg") else "projector"
-    assert (bf["batchformer"]["scope"], bf["batchformer"]["position"], bf["batchformer"]["weight"]) == \
-        ("joint", position, 1.0)
+    assert (bf["batchformer"]["scope"], bf["batchformer"]["position"], bf["batchformer"]["weight"]) == (
+        "joint",
+        position,
+        1.0,
+    )
     for d in (bf, base):
         d.pop("batchformer"), d.pop("output_dir")
     diff = {k: (v, dotted_items(base).get(k)) for k, v in dotted_items(bf).items() if dotted_items(base).get(k) != v}
@@ -72,6 +87,7 @@ def test_batchformer_recipe_equals_its_twin_but_for_batchformer(path):
 
 
 # ---------------------------------------------------------------------------------------------- GPU recipes
+
 
 @pytest.mark.parametrize("path", GPU_RECIPES, ids=rid)
 def test_gpu_recipe_conventions(path):
@@ -102,14 +118,19 @@ SCHEDULES = {
     "imagenet/mocov3_r50": ("lars", 0.6, 4096, 9.6, 100, 10),
     "imagenet/mocov3_vit_small": ("adamw", 1.5e-4, 4096, 2.4e-3, 300, 40),
 }
-SCHEDULES.update({  # the five methods of issue 25: CIFAR as cifar10/mocov3 (lightly's SGD), ImageNet the papers'
-    **{f"cifar10/{m}": ("sgd", 0.12, 512, 0.24, 800, 10) for m in ("byol", "simclr", "barlowtwins", "vicreg", "dino")},
-    "imagenet/byol": ("lars", 0.2, 4096, 3.2, 1000, 10),
-    "imagenet/simclr": ("lars", 0.3, 4096, 4.8, 1000, 10),
-    "imagenet/barlowtwins": ("lars", 0.2, 2048, 1.6, 1000, 10),
-    "imagenet/vicreg": ("lars", 0.2, 2048, 1.6, 1000, 10),
-    "imagenet/dino": ("sgd", 0.03, 512, 0.06, 100, 10),
-})
+SCHEDULES.update(
+    {  # the five methods of issue 25: CIFAR as cifar10/mocov3 (lightly's SGD), ImageNet the papers'
+        **{
+            f"cifar10/{m}": ("sgd", 0.12, 512, 0.24, 800, 10)
+            for m in ("byol", "simclr", "barlowtwins", "vicreg", "dino")
+        },
+        "imagenet/byol": ("lars", 0.2, 4096, 3.2, 1000, 10),
+        "imagenet/simclr": ("lars", 0.3, 4096, 4.8, 1000, 10),
+        "imagenet/barlowtwins": ("lars", 0.2, 2048, 1.6, 1000, 10),
+        "imagenet/vicreg": ("lars", 0.2, 2048, 1.6, 1000, 10),
+        "imagenet/dino": ("sgd", 0.03, 512, 0.06, 100, 10),
+    }
+)
 SCHEDULES.update({k.replace("cifar10/", "cifar100/"): v for k, v in SCHEDULES.items() if k.startswith("cifar10/")})
 
 
@@ -119,8 +140,12 @@ def test_effective_learning_rate_and_schedule(path):
     assert name in SCHEDULES, f"{name}: add its schedule to SCHEDULES"
     optimizer, base_lr, batch, lr, epochs, warmup = SCHEDULES[name]
     cfg = load_config(path)
-    assert (cfg.optim.name, cfg.train.batch_size, cfg.train.epochs, cfg.optim.warmup_epochs) == \
-        (optimizer, batch, epochs, warmup)
+    assert (cfg.optim.name, cfg.train.batch_size, cfg.train.epochs, cfg.optim.warmup_epochs) == (
+        optimizer,
+        batch,
+        epochs,
+        warmup,
+    )
     assert cfg.optim.base_lr == pytest.approx(base_lr)
     assert cfg.optim.base_lr * cfg.train.batch_size / 256 == pytest.approx(lr)
     assert peak_lr(cfg) == pytest.approx(lr)  # what the trainer uses
@@ -128,28 +153,70 @@ def test_effective_learning_rate_and_schedule(path):
 
 # The papers' numbers, key by key (dotted config keys), for the recipes that reproduce an official setting.
 SIMSIAM_IMAGENET = {  # facebookresearch/simsiam main_simsiam.py defaults + --fix-pred-lr
-    "model.arch": "resnet50", "method.name": "simsiam", "method.proj_hidden_dim": 2048, "method.proj_dim": 2048,
-    "method.proj_layers": 3, "method.pred_hidden_dim": 512, "optim.name": "sgd", "optim.weight_decay": 1e-4,
-    "optim.momentum": 0.9, "optim.fixed_predictor_lr": True, "augment.min_scale": 0.2, "data.name": "imagefolder",
+    "model.arch": "resnet50",
+    "method.name": "simsiam",
+    "method.proj_hidden_dim": 2048,
+    "method.proj_dim": 2048,
+    "method.proj_layers": 3,
+    "method.pred_hidden_dim": 512,
+    "optim.name": "sgd",
+    "optim.weight_decay": 1e-4,
+    "optim.momentum": 0.9,
+    "optim.fixed_predictor_lr": True,
+    "augment.min_scale": 0.2,
+    "data.name": "imagefolder",
 }
 MOCOV3_R50 = {  # facebookresearch/moco-v3 main_moco.py defaults + CONFIG.md's 100-epoch ResNet-50 command
-    "model.arch": "resnet50", "method.name": "mocov3", "method.temperature": 1.0, "method.momentum": 0.99,
-    "method.proj_hidden_dim": 4096, "method.proj_dim": 256, "method.proj_layers": 2, "optim.name": "lars",
-    "optim.base_lr": 0.6, "optim.weight_decay": 1e-6, "optim.momentum": 0.9, "optim.warmup_epochs": 10,
-    "augment.min_scale": 0.2, "augment.preset": "byol", "data.name": "imagefolder",
+    "model.arch": "resnet50",
+    "method.name": "mocov3",
+    "method.temperature": 1.0,
+    "method.momentum": 0.99,
+    "method.proj_hidden_dim": 4096,
+    "method.proj_dim": 256,
+    "method.proj_layers": 2,
+    "optim.name": "lars",
+    "optim.base_lr": 0.6,
+    "optim.weight_decay": 1e-6,
+    "optim.momentum": 0.9,
+    "optim.warmup_epochs": 10,
+    "augment.min_scale": 0.2,
+    "augment.preset": "byol",
+    "data.name": "imagefolder",
 }
 MOCOV3_VIT_S = {  # CONFIG.md's ViT-Small command
-    "model.arch": "vit_small", "model.patch_size": 16, "model.freeze_patch_embed": True, "method.name": "mocov3",
-    "method.temperature": 0.2, "method.momentum": 0.99, "method.proj_hidden_dim": 4096, "method.proj_dim": 256,
-    "method.proj_layers": 3, "optim.name": "adamw", "optim.base_lr": 1.5e-4, "optim.weight_decay": 0.1,
-    "optim.betas": [0.9, 0.999], "optim.warmup_epochs": 40, "augment.min_scale": 0.08, "augment.preset": "byol",
+    "model.arch": "vit_small",
+    "model.patch_size": 16,
+    "model.freeze_patch_embed": True,
+    "method.name": "mocov3",
+    "method.temperature": 0.2,
+    "method.momentum": 0.99,
+    "method.proj_hidden_dim": 4096,
+    "method.proj_dim": 256,
+    "method.proj_layers": 3,
+    "optim.name": "adamw",
+    "optim.base_lr": 1.5e-4,
+    "optim.weight_decay": 0.1,
+    "optim.betas": [0.9, 0.999],
+    "optim.warmup_epochs": 40,
+    "augment.min_scale": 0.08,
+    "augment.preset": "byol",
     "data.name": "imagefolder",
 }
 SIMSIAM_CIFAR = {  # SimSiam paper, appendix D
-    "model.arch": "resnet18", "model.stem": "cifar", "method.name": "simsiam", "method.proj_hidden_dim": 2048,
-    "method.proj_dim": 2048, "method.proj_layers": 2, "method.pred_hidden_dim": 512, "optim.name": "sgd",
-    "optim.base_lr": 0.03, "optim.weight_decay": 5e-4, "optim.momentum": 0.9, "optim.fixed_predictor_lr": True,
-    "train.batch_size": 512, "train.epochs": 800,
+    "model.arch": "resnet18",
+    "model.stem": "cifar",
+    "method.name": "simsiam",
+    "method.proj_hidden_dim": 2048,
+    "method.proj_dim": 2048,
+    "method.proj_layers": 2,
+    "method.pred_hidden_dim": 512,
+    "optim.name": "sgd",
+    "optim.base_lr": 0.03,
+    "optim.weight_decay": 5e-4,
+    "optim.momentum": 0.9,
+    "optim.fixed_predictor_lr": True,
+    "train.batch_size": 512,
+    "train.epochs": 800,
 }
 KEY_NUMBERS = {
     "imagenet/simsiam": {**SIMSIAM_IMAGENET, "train.epochs": 100, "train.batch_size": 512, "optim.base_lr": 0.05},
@@ -168,8 +235,11 @@ KEY_NUMBERS = {
 @pytest.mark.parametrize("bf", ["", "_bf"])
 def test_paper_numbers(name, bf):
     got = dotted_items(to_dict(load_config(REPO / "recipes" / f"{name}{bf}.yaml")))
-    wrong = {k: (got[k], v) for k, v in KEY_NUMBERS[name].items()
-             if (got[k] != pytest.approx(v) if isinstance(v, float) else got[k] != v)}
+    wrong = {
+        k: (got[k], v)
+        for k, v in KEY_NUMBERS[name].items()
+        if (got[k] != pytest.approx(v) if isinstance(v, float) else got[k] != v)
+    }
     assert not wrong, f"{name}{bf}: (recipe, paper) = {wrong}"
 
 
@@ -259,8 +329,9 @@ def test_accelerate_launch_accepts_the_config_file():
     import accelerate.commands.launch as launch  # accelerate is pinned: its launcher has these internals
 
     parser = launch.launch_command_parser()
-    args = parser.parse_args(["--config_file", str(ACCELERATE_CONFIG), "pretrain.py", "--config",
-                              "recipes/cifar10/simsiam_bf.yaml"])
+    args = parser.parse_args(
+        ["--config_file", str(ACCELERATE_CONFIG), "pretrain.py", "--config", "recipes/cifar10/simsiam_bf.yaml"]
+    )
     args, defaults, _ = launch._validate_launch_command(args)
     assert args.multi_gpu and not args.cpu
     assert (args.num_processes, args.num_machines, args.machine_rank) == (GPUS, 1, 0)

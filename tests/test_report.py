@@ -13,13 +13,21 @@ from batchssl import report
 from batchssl.errors import UserError
 
 
-def write_run(run, epochs=3, steps_per_epoch=10, proj_dim=128, online=True, bf=True, collapse=False, seed=0,
-              collapse_fraction=0.1):
+def write_run(
+    run, epochs=3, steps_per_epoch=10, proj_dim=128, online=True, bf=True, collapse=False, seed=0, collapse_fraction=0.1
+):
     """A synthetic run directory: config.yaml (the keys the report reads) and metrics.jsonl as the trainer writes
     them; a collapsed run's z_std is 0.001 of the healthy 1 / sqrt(proj_dim)."""
     run.mkdir(parents=True, exist_ok=True)
-    (run / "config.yaml").write_text(yaml.safe_dump({"seed": seed, "method": {"name": "mocov3", "proj_dim": proj_dim},
-                                                     "monitor": {"collapse_fraction": collapse_fraction}}))
+    (run / "config.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "seed": seed,
+                "method": {"name": "mocov3", "proj_dim": proj_dim},
+                "monitor": {"collapse_fraction": collapse_fraction},
+            }
+        )
+    )
     rng = np.random.default_rng(seed)
     lines = []
     for epoch in range(1, epochs + 1):
@@ -27,14 +35,25 @@ def write_run(run, epochs=3, steps_per_epoch=10, proj_dim=128, online=True, bf=T
             step = (epoch - 1) * steps_per_epoch + i + 1
             t = step / (epochs * steps_per_epoch)
             loss = 7.0 - 3.0 * t + 0.1 * rng.standard_normal()
-            line = {"epoch": epoch, "step": step, "lr": 0.1 * math.cos(math.pi * t / 2), "loss": loss,
-                    "z_std": (0.001 if collapse else 1.0) / math.sqrt(proj_dim) * (0.9 + 0.1 * rng.random()),
-                    "images_per_s": 1000 + 50 * rng.standard_normal()}
+            line = {
+                "epoch": epoch,
+                "step": step,
+                "lr": 0.1 * math.cos(math.pi * t / 2),
+                "loss": loss,
+                "z_std": (0.001 if collapse else 1.0) / math.sqrt(proj_dim) * (0.9 + 0.1 * rng.random()),
+                "images_per_s": 1000 + 50 * rng.standard_normal(),
+            }
             if bf:
                 line.update(loss_main=loss / 2, loss_bf=loss / 2 + 0.05)
             lines.append(line)
-        monitor = {"epoch": epoch, "step": epoch * steps_per_epoch, "knn_top1": 40.0 + 10 * epoch + seed,
-                   "knn_top5": 90.0, "knn_k": 200, "knn_seconds": 1.0}
+        monitor = {
+            "epoch": epoch,
+            "step": epoch * steps_per_epoch,
+            "knn_top1": 40.0 + 10 * epoch + seed,
+            "knn_top5": 90.0,
+            "knn_k": 200,
+            "knn_seconds": 1.0,
+        }
         if online:
             monitor.update(online_top1=45.0 + 10 * epoch, online_top5=95.0)
         lines.append(monitor)
@@ -62,8 +81,9 @@ def test_curves_have_every_panel(tmp_path):
 def test_missing_metrics_leave_their_panels_out(tmp_path):
     run = tmp_path / "only_loss"
     run.mkdir()
-    (run / "metrics.jsonl").write_text("".join(json.dumps({"epoch": 1, "step": s, "loss": 5.0 / s}) + "\n"
-                                               for s in range(1, 6)))
+    (run / "metrics.jsonl").write_text(
+        "".join(json.dumps({"epoch": 1, "step": s, "loss": 5.0 / s}) + "\n" for s in range(1, 6))
+    )
     check_png(report.plot_curves(run), *report.figure_pixels(1))  # no config.yaml either
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -99,11 +119,18 @@ def results_file(path, records: dict, latest: str) -> None:
 def test_table_rows(tmp_path):
     run = write_run(tmp_path / "run")
     report.plot_curves(run)
-    knn_record = {"dataset": "fashion_mnist", "arch": "resnet18", "temperature": 0.07,
-                  "results": {"200": {"top1": 71.5, "top5": 97.25}}}
+    knn_record = {
+        "dataset": "fashion_mnist",
+        "arch": "resnet18",
+        "temperature": 0.07,
+        "results": {"200": {"top1": 71.5, "top5": 97.25}},
+    }
     results_file(run / "knn.json", {"T0.07": knn_record}, "T0.07")
-    results_file(run / "linear_probe.json", {"c": {"mode": "cached", "top1": 80.0, "top5": 99.0, "lr": 0.1,
-                                                   "seconds": 12.0}}, "c")
+    results_file(
+        run / "linear_probe.json",
+        {"c": {"mode": "cached", "top1": 80.0, "top5": 99.0, "lr": 0.1, "seconds": 12.0}},
+        "c",
+    )
     table = dict(report.rows(run))
     assert table["training"].startswith("epoch 3, step 30, loss ")
     assert table["kNN monitor (k=200, epoch 3)"] == "top-1 70.00"
@@ -117,20 +144,28 @@ def test_table_rows(tmp_path):
 
 def test_table_with_several_entries(tmp_path):
     run = write_run(tmp_path / "run", online=False, collapse=True)
-    results_file(run / "knn.json", {"T0.1": {"temperature": 0.1, "results": {"20": {"top1": 60.0, "top5": 90.0}}}},
-                 "T0.1")
-    results_file(run / "linear_probe.json", {
-        "cached-a": {"mode": "cached", "top1": 81.0, "lr": 0.3, "seconds": 5.0},
-        "augmented-b": {"mode": "augmented", "top1": 83.0, "lr": 1.0, "seconds": 50.0},
-        "cached-c": {"mode": "cached", "top1": 82.0}}, "cached-a")
+    results_file(
+        run / "knn.json", {"T0.1": {"temperature": 0.1, "results": {"20": {"top1": 60.0, "top5": 90.0}}}}, "T0.1"
+    )
+    results_file(
+        run / "linear_probe.json",
+        {
+            "cached-a": {"mode": "cached", "top1": 81.0, "lr": 0.3, "seconds": 5.0},
+            "augmented-b": {"mode": "augmented", "top1": 83.0, "lr": 1.0, "seconds": 50.0},
+            "cached-c": {"mode": "cached", "top1": 82.0},
+        },
+        "cached-a",
+    )
     table = report.rows(run)
     names = [name for name, _ in table]
     assert not any(name.startswith("online linear") for name in names)
     assert dict(table)["kNN eval (k=20, T=0.1)"] == "top-1 60.00, top-5 90.00"
     probes = [(n, v) for n, v in table if n.startswith("linear probe")]
-    assert probes == [("linear probe (augmented)", "top-1 83.00 (lr 1, 50 s)  [augmented-b]"),
-                      ("linear probe (cached)", "top-1 82.00  [cached-c]"),
-                      ("linear probe (cached)", "top-1 81.00 (lr 0.3, 5 s)  [cached-a]")]  # latest last
+    assert probes == [
+        ("linear probe (augmented)", "top-1 83.00 (lr 1, 50 s)  [augmented-b]"),
+        ("linear probe (cached)", "top-1 82.00  [cached-c]"),
+        ("linear probe (cached)", "top-1 81.00 (lr 0.3, 5 s)  [cached-a]"),
+    ]  # latest last
     assert dict(table)["z-std (last)"].endswith("COLLAPSED?")
 
 
@@ -139,7 +174,7 @@ def test_collapse_verdict_uses_the_runs_own_fraction(tmp_path, fraction, collaps
     # The last z_std is 0.3 / sqrt(128) (a healthy run's times 0.3): collapsed below a 0.5 threshold, not 0.1.
     run = write_run(tmp_path / "run", collapse_fraction=fraction)
     lines = report.read_metrics(run)
-    [m for m in lines if "z_std" in m][-1]["z_std"] = 0.3 / 128 ** 0.5
+    [m for m in lines if "z_std" in m][-1]["z_std"] = 0.3 / 128**0.5
     (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
     assert dict(report.rows(run))["z-std (last)"].endswith("COLLAPSED?") == collapsed
 
@@ -208,8 +243,11 @@ def test_embedding_of_a_real_run_directory(tmp_path):
 
     run = tmp_path / "run"
     run.mkdir()
-    cfg = build_config(apply_overrides(to_dict(Config()), ["data.val_limit=60", "data.num_workers=0",
-                                                           "model.width=0.25", f"output_dir={run}"]))
+    cfg = build_config(
+        apply_overrides(
+            to_dict(Config()), ["data.val_limit=60", "data.num_workers=0", "model.width=0.25", f"output_dir={run}"]
+        )
+    )
     save_config(cfg, run / "config.yaml")
     info = dataset_info(cfg.data)
     backbone, _ = build_backbone(cfg.model, info.in_channels, info.image_size)

@@ -19,14 +19,28 @@ KILL_AT = REPO / "tests" / "helpers" / "kill_at.py"
 
 # Small but real: the recipe's own pipeline and loader workers, 3 epochs of 4 steps, a checkpoint and a kNN line
 # every epoch.
-SHORT = ["data.limit=256", "data.val_limit=200", "train.epochs=3", "train.batch_size=64", "train.log_every_n_steps=1",
-         "monitor.batch_size=256", "monitor.every_n_epochs=1", "checkpoint.every_n_epochs=1", "checkpoint.keep_last=5"]
+SHORT = [
+    "data.limit=256",
+    "data.val_limit=200",
+    "train.epochs=3",
+    "train.batch_size=64",
+    "train.log_every_n_steps=1",
+    "monitor.batch_size=256",
+    "monitor.every_n_epochs=1",
+    "checkpoint.every_n_epochs=1",
+    "checkpoint.keep_last=5",
+]
 
 
 def killed_at(when: str, n: int, args) -> subprocess.CompletedProcess:
     """pretrain.py with the same arguments in a process that SIGKILLs itself at step n / in epoch n's checkpoint."""
-    return subprocess.run([sys.executable, str(KILL_AT), f"--{when}", str(n), *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(KILL_AT), f"--{when}", str(n), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def without_timings(run) -> list[dict]:
@@ -50,18 +64,23 @@ def straight_run(tmp_path_factory):
             made[key] = tmp_path_factory.mktemp("straight")
             run_pretrain([*args, f"output_dir={made[key]}"])
         return made[key]
+
     return run
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe, extra", [
-    # The four Fashion-MNIST recipes share their loader settings (data.pipeline auto -> views on the device,
-    # data.num_workers 1 for the monitor): both methods, with and without BatchFormer (its dropout draws random
-    # numbers), are covered by these two and by the stress test below (simsiam_bf).
-    ("simsiam", []), ("mocov3_bf", []),
-    # The lightly path in a loader worker (ImageFolder's pipeline), where BatchFormer's dropout once drifted.
-    ("simsiam_bf", ["data.pipeline=workers", "data.num_workers=1"]),
-])
+@pytest.mark.parametrize(
+    "recipe, extra",
+    [
+        # The four Fashion-MNIST recipes share their loader settings (data.pipeline auto -> views on the device,
+        # data.num_workers 1 for the monitor): both methods, with and without BatchFormer (its dropout draws random
+        # numbers), are covered by these two and by the stress test below (simsiam_bf).
+        ("simsiam", []),
+        ("mocov3_bf", []),
+        # The lightly path in a loader worker (ImageFolder's pipeline), where BatchFormer's dropout once drifted.
+        ("simsiam_bf", ["data.pipeline=workers", "data.num_workers=1"]),
+    ],
+)
 def test_killed_mid_epoch_resumes_exactly(recipe, extra, tmp_path, straight_run):
     args = ["--config", f"recipes/fashion_mnist/{recipe}.yaml", *SHORT, *extra]
     reference = straight_run(args)
@@ -113,8 +132,12 @@ def test_ten_random_kills_end_bit_identical(tmp_path):
     attempts = 0
     while kills < 10 and attempts < 30:  # 10 real kills; a rerun that resumes late may finish before its moment
         attempts += 1
-        proc = subprocess.Popen([sys.executable, "pretrain.py", *args, f"output_dir={run}"], cwd=REPO,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "pretrain.py", *args, f"output_dir={run}"],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             proc.wait(timeout=rng.uniform(0.1, 0.9) * duration)
         except subprocess.TimeoutExpired:

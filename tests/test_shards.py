@@ -63,9 +63,10 @@ def test_each_process_streams_its_own_shards_every_image_once(shards):
 
 
 def test_pretraining_and_evaluation_read_the_shards(shards):
-    cfg = load_config("recipes/imagenet/mocov3_r50.yaml", ["data.name=shards", f"data.root={shards}",
-                                                            "data.image_size=32", "train.batch_size=4",
-                                                            "data.num_workers=0"])
+    cfg = load_config(
+        "recipes/imagenet/mocov3_r50.yaml",
+        ["data.name=shards", f"data.root={shards}", "data.image_size=32", "train.batch_size=4", "data.num_workers=0"],
+    )
     info = dataset_info(cfg.data)
     assert info.num_classes == 3
     bank, val = eval_datasets(cfg.data)
@@ -98,11 +99,12 @@ def test_a_corrupt_image_names_the_shard_and_key(shards, tmp_path):
     data = bytearray((bad / "train-000001.tar").read_bytes())
     with tarfile.open(bad / "train-000001.tar") as tar:
         member = tar.getmember(tar.getnames()[0])
-    data[member.offset_data + 200: member.offset_data + member.size] = b"\0" * (member.size - 200)
+    data[member.offset_data + 200 : member.offset_data + member.size] = b"\0" * (member.size - 200)
     (bad / "train-000001.tar").write_bytes(bytes(data))
-    cfg = load_config("recipes/imagenet/mocov3_r50.yaml", ["data.name=shards", f"data.root={bad}",
-                                                            "data.image_size=32", "train.batch_size=22",
-                                                            "data.num_workers=0"])
+    cfg = load_config(
+        "recipes/imagenet/mocov3_r50.yaml",
+        ["data.name=shards", f"data.root={bad}", "data.image_size=32", "train.batch_size=22", "data.num_workers=0"],
+    )
     pipeline = build_split_pipeline(cfg, dataset_info(cfg.data), torch.device("cpu"))
     key = Path(member.name).stem
     with pytest.raises(UserError, match=f"train-000001.tar key {key}"):
@@ -113,8 +115,15 @@ def test_a_corrupt_image_names_the_shard_and_key(shards, tmp_path):
 
 
 def test_converter_cli_reports_bad_input_in_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "batchssl.shards", str(tmp_path / "nowhere"), str(tmp_path / "o")],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "batchssl.shards", str(tmp_path / "nowhere"), str(tmp_path / "o")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines() == [f"batchssl.shards: error: {tmp_path / 'nowhere'} has no train/ "
-                                                  "folder: the ImageFolder layout is train/<class>/*, val/<class>/*"]
+    assert result.stderr.strip().splitlines() == [
+        f"batchssl.shards: error: {tmp_path / 'nowhere'} has no train/ "
+        "folder: the ImageFolder layout is train/<class>/*, val/<class>/*"
+    ]

@@ -26,11 +26,14 @@ def same_outputs(ours, theirs, x) -> bool:
         return torch.equal(ours(x), theirs(x))
 
 
-@pytest.mark.parametrize("arch, timm_kwargs, channels, size, dim", [
-    ("timm:resnet18", {}, 3, 32, 512),
-    # a ViT is rebuilt for the data's size (and model.patch_size): timm's own img_size / patch_size arguments
-    ("timm:test_vit", {"img_size": 32, "patch_size": 4}, 3, 32, 64),
-])
+@pytest.mark.parametrize(
+    "arch, timm_kwargs, channels, size, dim",
+    [
+        ("timm:resnet18", {}, 3, 32, 512),
+        # a ViT is rebuilt for the data's size (and model.patch_size): timm's own img_size / patch_size arguments
+        ("timm:test_vit", {"img_size": 32, "patch_size": 4}, 3, 32, 64),
+    ],
+)
 def test_exported_weights_load_into_timm_exactly(arch, timm_kwargs, channels, size, dim, tmp_path):
     torch.manual_seed(0)
     cfg = ModelConfig(arch=arch, patch_size=timm_kwargs.get("patch_size"))
@@ -56,6 +59,7 @@ def test_unknown_timm_model_is_a_user_error():
 def fake_fashion_mnist(monkeypatch):
     """64 random 28 x 28 images with labels 0..9 in turn for every split (the pretraining split, the kNN bank and
     the probes' splits all come through data.load_split)."""
+
     def load_split(cfg, split):
         rng = np.random.default_rng(1 if split == "test" else 0)
         return data.ArrayImages(rng.integers(0, 256, (64, 28, 28), dtype=np.uint8), np.arange(64) % 10)
@@ -81,10 +85,20 @@ def test_a_timm_run_trains_is_monitored_and_evaluated(tmp_path, fake_fashion_mni
     from batchssl.train import train
 
     run = tmp_path / "run"
-    cfg = load_config(REPO / "recipes" / "fashion_mnist" / "mocov3_bf.yaml", [
-        "model.arch=timm:test_resnet", "train.epochs=1", "train.batch_size=32", "train.log_every_n_steps=1",
-        "method.proj_hidden_dim=64", "method.proj_dim=32", "monitor.k=10", "monitor.batch_size=32",
-        f"output_dir={run}"])
+    cfg = load_config(
+        REPO / "recipes" / "fashion_mnist" / "mocov3_bf.yaml",
+        [
+            "model.arch=timm:test_resnet",
+            "train.epochs=1",
+            "train.batch_size=32",
+            "train.log_every_n_steps=1",
+            "method.proj_hidden_dim=64",
+            "method.proj_dim=32",
+            "monitor.k=10",
+            "monitor.batch_size=32",
+            f"output_dir={run}",
+        ],
+    )
     train(cfg)
     metrics = read_metrics(run)
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2]

@@ -27,13 +27,26 @@ def read_scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
 
 
 def test_tracker_config_flattens_to_scalars():
-    flat = tracker_config({"output_dir": "runs/x", "seed": 0,
-                           "data": {"limit": None, "num_workers": 2, "download": False},
-                           "optim": {"betas": [0.9, 0.95], "pair": (1, 2), "base_lr": 0.05},
-                           "deep": {"inner": {"x": 1}}})
-    assert flat == {"output_dir": "runs/x", "seed": 0, "data.limit": "none", "data.num_workers": 2,
-                    "data.download": False, "optim.betas": "[0.9, 0.95]", "optim.pair": "[1, 2]",
-                    "optim.base_lr": 0.05, "deep.inner.x": 1}
+    flat = tracker_config(
+        {
+            "output_dir": "runs/x",
+            "seed": 0,
+            "data": {"limit": None, "num_workers": 2, "download": False},
+            "optim": {"betas": [0.9, 0.95], "pair": (1, 2), "base_lr": 0.05},
+            "deep": {"inner": {"x": 1}},
+        }
+    )
+    assert flat == {
+        "output_dir": "runs/x",
+        "seed": 0,
+        "data.limit": "none",
+        "data.num_workers": 2,
+        "data.download": False,
+        "optim.betas": "[0.9, 0.95]",
+        "optim.pair": "[1, 2]",
+        "optim.base_lr": 0.05,
+        "deep.inner.x": 1,
+    }
 
 
 def test_tracker_config_of_the_default_config_is_all_scalars():
@@ -96,7 +109,8 @@ def test_wandb_offline_run_writes_its_files_into_the_run_directory(tmp_path):
     """W&B through Accelerate's tracker, offline (no network here). wandb is an optional extra (about 100 MB of
     dependencies), not installed by `make setup`: this test runs where it is installed (pip install -e .[wandb])."""
     pytest.importorskip("wandb")
-    run_pretrain([*TINY, "train.log_with=wandb", f"output_dir={tmp_path}"],
-                 env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    run_pretrain(
+        [*TINY, "train.log_with=wandb", f"output_dir={tmp_path}"], env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    )
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))

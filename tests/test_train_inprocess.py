@@ -44,16 +44,31 @@ def fake_fashion_mnist(monkeypatch):
 
 # The default recipe shrunk to take seconds: 32 images of 16 px in batches of 16 (2 steps an epoch), a 1/8-width
 # ResNet-18 with small heads.
-SHRUNK = ["train.epochs=2", "train.batch_size=16", "train.log_every_n_steps=1", "data.image_size=16",
-          "model.width=0.125", "method.proj_hidden_dim=64", "method.proj_dim=32"]
+SHRUNK = [
+    "train.epochs=2",
+    "train.batch_size=16",
+    "train.log_every_n_steps=1",
+    "data.image_size=16",
+    "model.width=0.125",
+    "method.proj_hidden_dim=64",
+    "method.proj_dim=32",
+]
 
 
 def test_final_lr_ratio_and_momentum_final_move_the_schedules_ends(tmp_path, fake_fashion_mnist, own_process_state):
     from batchssl.train import train
 
-    cfg = load_config(REPO / "recipes" / "fashion_mnist" / "mocov3_bf.yaml", [
-        *SHRUNK, "optim.final_lr_ratio=0.5", "optim.warmup_epochs=0", "method.momentum_final=0.995",
-        "monitor.enabled=false", f"output_dir={tmp_path}"])
+    cfg = load_config(
+        REPO / "recipes" / "fashion_mnist" / "mocov3_bf.yaml",
+        [
+            *SHRUNK,
+            "optim.final_lr_ratio=0.5",
+            "optim.warmup_epochs=0",
+            "method.momentum_final=0.995",
+            "monitor.enabled=false",
+            f"output_dir={tmp_path}",
+        ],
+    )
     train(cfg)
     steps = [m for m in read_metrics(tmp_path) if "loss" in m]
     lrs, momenta = [m["lr"] for m in steps], [m["momentum"] for m in steps]
@@ -63,8 +78,9 @@ def test_final_lr_ratio_and_momentum_final_move_the_schedules_ends(tmp_path, fak
     assert lrs[-1] > peak / 2
     # MoCo's momentum rises from m0 towards 0.995, not 1 (logged as float32).
     assert m0 == 0.99
-    assert momenta == pytest.approx([0.995 - (0.995 - m0) * (1 + math.cos(math.pi * t / 4)) / 2 for t in range(4)],
-                                    abs=1e-6)
+    assert momenta == pytest.approx(
+        [0.995 - (0.995 - m0) * (1 + math.cos(math.pi * t / 4)) / 2 for t in range(4)], abs=1e-6
+    )
 
 
 def test_train_in_process_writes_the_run_directory(tmp_path, fake_fashion_mnist, own_process_state):
@@ -74,8 +90,10 @@ def test_train_in_process_writes_the_run_directory(tmp_path, fake_fashion_mnist,
     # The default recipe (MoCo v3 + BatchFormer), SHRUNK. Checkpoints and the kNN monitor every epoch as in
     # the recipe; keep_last=1 so the older checkpoint must be pruned. Loader workers stay the recipe's (the
     # monitor extracts its features through them).
-    cfg = load_config(REPO / "recipes" / "fashion_mnist" / "mocov3_bf.yaml", [
-        *SHRUNK, "checkpoint.keep_last=1", "monitor.k=20", "monitor.batch_size=16", f"output_dir={run}"])
+    cfg = load_config(
+        REPO / "recipes" / "fashion_mnist" / "mocov3_bf.yaml",
+        [*SHRUNK, "checkpoint.keep_last=1", "monitor.k=20", "monitor.batch_size=16", f"output_dir={run}"],
+    )
     assert cfg.data.num_workers >= 1 and cfg.checkpoint.every_n_epochs == cfg.monitor.every_n_epochs == 1
 
     last = train(cfg)
@@ -102,8 +120,11 @@ def test_train_in_process_writes_the_run_directory(tmp_path, fake_fashion_mnist,
     # The newest checkpoint only (keep_last=1), with the trainer's state.
     assert [p.name for p in complete_checkpoints(run)] == ["epoch_0002"]
     assert read_state(run / "checkpoints" / "epoch_0002") == {
-        "epoch": 2, "step": 4, "model_signature": model_signature(cfg),
-        "collapse_alarm": {"low_steps": 0, "fired": False}}  # a healthy run: its z_std near 1 / sqrt(d)
+        "epoch": 2,
+        "step": 4,
+        "model_signature": model_signature(cfg),
+        "collapse_alarm": {"low_steps": 0, "fired": False},
+    }  # a healthy run: its z_std near 1 / sqrt(d)
     assert not list((run / "checkpoints").glob(".tmp*"))
 
     # backbone.safetensors: exactly the backbone's keys (strict load), the weights of the last checkpoint.
@@ -128,8 +149,11 @@ def test_train_in_process_writes_the_run_directory(tmp_path, fake_fashion_mnist,
 
     frozen = load_frozen(FrozenSource(run=str(run)))
     settings = KnnSettings(ks=(20,), temperature=cfg.monitor.temperature, batch_size=16)
-    scores = knn_evaluate(split_features(frozen.backbone, *frozen.eval_splits(), settings, frozen.accelerator,
-                                         frozen.dtype), settings, frozen.info.num_classes)
+    scores = knn_evaluate(
+        split_features(frozen.backbone, *frozen.eval_splits(), settings, frozen.accelerator, frozen.dtype),
+        settings,
+        frozen.info.num_classes,
+    )
     assert (scores[20]["top1"], scores[20]["top5"]) == (knn[-1]["knn_top1"], knn[-1]["knn_top5"])
 
 
@@ -156,9 +180,18 @@ def test_collapse_alarm_count_survives_a_resume(tmp_path, fake_fashion_mnist, ow
     from batchssl.train import train
 
     def config(out):
-        return load_config(REPO / "recipes" / "fashion_mnist" / "mocov3_bf.yaml", [
-            *SHRUNK, "train.epochs=3", "monitor.enabled=false", "monitor.collapse_fraction=2",
-            "monitor.collapse_patience=4", "checkpoint.every_n_epochs=1", f"output_dir={out}"])
+        return load_config(
+            REPO / "recipes" / "fashion_mnist" / "mocov3_bf.yaml",
+            [
+                *SHRUNK,
+                "train.epochs=3",
+                "monitor.enabled=false",
+                "monitor.collapse_fraction=2",
+                "monitor.collapse_patience=4",
+                "checkpoint.every_n_epochs=1",
+                f"output_dir={out}",
+            ],
+        )
 
     def alarms(run):
         return [m["step"] for m in read_metrics(run) if m.get("collapse_alarm")]
@@ -171,7 +204,9 @@ def test_collapse_alarm_count_survives_a_resume(tmp_path, fake_fashion_mnist, ow
         train(config(tmp_path / "resumed"), callbacks=[StopAt(3)])
     assert [p.name for p in complete_checkpoints(tmp_path / "resumed")] == ["epoch_0001"]
     assert read_state(tmp_path / "resumed" / "checkpoints" / "epoch_0001")["collapse_alarm"] == {
-        "low_steps": 2, "fired": False}
+        "low_steps": 2,
+        "fired": False,
+    }
     AcceleratorState._reset_state(reset_partial_state=True)
     train(config(tmp_path / "resumed"))
     assert alarms(tmp_path / "resumed") == [4]

@@ -46,8 +46,14 @@ def test_compiled_backbone_trains_like_the_eager_one_and_keeps_its_names(tmp_pat
     # train.compile=backbone on the recipe's path (bf16 autocast + channels_last, the device pipeline): the loss of
     # step 1 equals the eager run's to bf16's rounding (the same weights and views; inductor fuses and reorders),
     # the run trains on, and its checkpoint and backbone export keep the eager parameter names.
-    args = ["--config", "recipes/fashion_mnist/mocov3_bf.yaml", *TINY, "data.limit=128", "monitor.enabled=false",
-            "batchformer.dropout=0.0"]
+    args = [
+        "--config",
+        "recipes/fashion_mnist/mocov3_bf.yaml",
+        *TINY,
+        "data.limit=128",
+        "monitor.enabled=false",
+        "batchformer.dropout=0.0",
+    ]
     run_pretrain([*args, f"output_dir={tmp_path / 'eager'}"])
     run_pretrain([*args, "train.compile=backbone", f"output_dir={tmp_path / 'compiled'}"], timeout=900)
     eager, compiled = step_losses(tmp_path / "eager"), step_losses(tmp_path / "compiled")
@@ -104,8 +110,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(one_epoch, tmp_path):
 
 @pytest.mark.slow
 def test_resuming_another_architecture_or_method_is_refused(one_epoch, tmp_path):
-    for name, change, difference in [("width", "model.width=0.5", "width: checkpoint 0.25 vs run 0.5"),
-                                     ("method", "method.name=simsiam", "method: checkpoint 'mocov3' vs run 'simsiam'")]:
+    for name, change, difference in [
+        ("width", "model.width=0.5", "width: checkpoint 0.25 vs run 0.5"),
+        ("method", "method.name=simsiam", "method: checkpoint 'mocov3' vs run 'simsiam'"),
+    ]:
         out = tmp_path / name
         args = resume_args(one_epoch, out, "train.epochs=2", change)
         before = sorted(p.name for p in (out / "checkpoints").iterdir())
@@ -145,7 +153,6 @@ def test_missing_dataset_says_how_to_get_it(tmp_path, monkeypatch):
 
 
 def test_missing_dataset_cli_is_one_line(tmp_path):
-    result = run_pretrain(["data.name=cifar10", f"data.root={tmp_path}", f"output_dir={tmp_path / 'run'}"],
-                          check=False)
+    result = run_pretrain(["data.name=cifar10", f"data.root={tmp_path}", f"output_dir={tmp_path / 'run'}"], check=False)
     assert "cifar10 not found" in _one_line_error(result)
     assert not (tmp_path / "run" / "checkpoints").exists()

@@ -98,13 +98,17 @@ H, W, SCALE = 24, 64, (0.3, 1.0)
 def test_crop_sampler_follows_torchvision_loop_exactly():
     g = torch.Generator().manual_seed(1)
     n = 3000
-    ua, ur, ut, ul = torch.rand(n, 10, generator=g, dtype=torch.float64), torch.rand(
-        n, 10, generator=g, dtype=torch.float64), torch.rand(n, generator=g, dtype=torch.float64), torch.rand(
-        n, generator=g, dtype=torch.float64)
+    ua, ur, ut, ul = (
+        torch.rand(n, 10, generator=g, dtype=torch.float64),
+        torch.rand(n, 10, generator=g, dtype=torch.float64),
+        torch.rand(n, generator=g, dtype=torch.float64),
+        torch.rand(n, generator=g, dtype=torch.float64),
+    )
     top, left, h, w, fallback = crop_boxes(ua, ur, ut, ul, H, W, SCALE)
     ours = torch.stack([top, left, h, w], 1).tolist()
-    ref = [reference_get_params(ua[i].tolist(), ur[i].tolist(), float(ut[i]), float(ul[i]), H, W, SCALE)
-           for i in range(n)]
+    ref = [
+        reference_get_params(ua[i].tolist(), ur[i].tolist(), float(ut[i]), float(ul[i]), H, W, SCALE) for i in range(n)
+    ]
     assert ours == [list(r) for r in ref]
     assert 0 < int(fallback.sum()) < n
 
@@ -119,8 +123,12 @@ def test_crop_sampler_with_a_size_per_sample_follows_torchvision_loop():
     ua, ur = torch.rand(n, 10, generator=g, dtype=torch.float64), torch.rand(n, 10, generator=g, dtype=torch.float64)
     ut, ul = torch.rand(n, generator=g, dtype=torch.float64), torch.rand(n, generator=g, dtype=torch.float64)
     top, left, h, w, fallback = crop_boxes(ua, ur, ut, ul, heights, widths, SCALE)
-    ref = [reference_get_params(ua[i].tolist(), ur[i].tolist(), float(ut[i]), float(ul[i]), int(heights[i]),
-                                int(widths[i]), SCALE) for i in range(n)]
+    ref = [
+        reference_get_params(
+            ua[i].tolist(), ur[i].tolist(), float(ut[i]), float(ul[i]), int(heights[i]), int(widths[i]), SCALE
+        )
+        for i in range(n)
+    ]
     assert torch.stack([top, left, h, w], 1).tolist() == [list(r) for r in ref]
     assert 0 < int(fallback.sum()) < n
     assert ((top + h <= heights) & (left + w <= widths) & (h >= 1) & (w >= 1)).all()
@@ -129,8 +137,15 @@ def test_crop_sampler_with_a_size_per_sample_follows_torchvision_loop():
 def test_crop_distribution_matches_torchvision_ks():
     n = 20000
     g = torch.Generator().manual_seed(2)
-    top, left, h, w, fallback = crop_boxes(torch.rand(n, 10, generator=g), torch.rand(n, 10, generator=g),
-                                           torch.rand(n, generator=g), torch.rand(n, generator=g), H, W, SCALE)
+    top, left, h, w, fallback = crop_boxes(
+        torch.rand(n, 10, generator=g),
+        torch.rand(n, 10, generator=g),
+        torch.rand(n, generator=g),
+        torch.rand(n, generator=g),
+        H,
+        W,
+        SCALE,
+    )
     assert fallback.float().mean() > 0.005, "the fallback branch must be exercised"
     image = torch.zeros(1, H, W)
     with torch.random.fork_rng(devices=[]):
@@ -138,8 +153,12 @@ def test_crop_distribution_matches_torchvision_ks():
         ref = torch.tensor([T.RandomResizedCrop.get_params(image, list(SCALE), list(RATIO)) for _ in range(n)])
     rt, rl, rh, rw = ref.unbind(1)
     crit = ks_critical(n, n)
-    for ours, theirs in [((h * w) / (H * W), (rh * rw) / (H * W)), ((w / h).log(), (rw / rh).log()),
-                         (top, rt), (left, rl)]:
+    for ours, theirs in [
+        ((h * w) / (H * W), (rh * rw) / (H * W)),
+        ((w / h).log(), (rw / rh).log()),
+        (top, rt),
+        (left, rl),
+    ]:
         assert ks_statistic(ours, theirs) < crit
     # torchvision's fallback box (h = 24, w = 32, central) is as frequent in both.
     fb = (H, round(H * 4 / 3))
@@ -161,10 +180,13 @@ def assert_rate(mask: torch.Tensor, p: float):
         assert abs(rate - p) < Z * math.sqrt(p * (1 - p) / n), (rate, p)
 
 
-@pytest.mark.parametrize("method, expected", [
-    ("simsiam", [dict(blur=0.5, solarize=0.0), dict(blur=0.5, solarize=0.0)]),
-    ("mocov3", [dict(blur=1.0, solarize=0.0), dict(blur=0.1, solarize=0.2)]),
-])
+@pytest.mark.parametrize(
+    "method, expected",
+    [
+        ("simsiam", [dict(blur=0.5, solarize=0.0), dict(blur=0.5, solarize=0.0)]),
+        ("mocov3", [dict(blur=1.0, solarize=0.0), dict(blur=0.1, solarize=0.2)]),
+    ],
+)
 def test_rates_match_presets(method, expected):
     info = INFO["stl10"]  # 96 px: blur on
     views = DeviceViews(make_cfg(method), info)
@@ -220,8 +242,16 @@ def test_resized_crop_matches_torchvision():
     for size in (32, 17):  # upsampling and (for large boxes) downsampling
         ours = resized_crop(x, top, left, h, w, flip, size)
         for b in range(40):
-            ref = TF.resized_crop(x[b], int(top[b]), int(left[b]), int(h[b]), int(w[b]), [size, size],
-                                  interpolation=TF.InterpolationMode.BILINEAR, antialias=False)
+            ref = TF.resized_crop(
+                x[b],
+                int(top[b]),
+                int(left[b]),
+                int(h[b]),
+                int(w[b]),
+                [size, size],
+                interpolation=TF.InterpolationMode.BILINEAR,
+                antialias=False,
+            )
             if flip[b]:
                 ref = TF.horizontal_flip(ref)
             torch.testing.assert_close(ours[b], ref, atol=1e-5, rtol=0)
@@ -239,10 +269,12 @@ def test_colour_ops_match_torchvision(channels):
         "saturation": torch.rand(n, generator=g) * 1.6,
         "hue": torch.rand(n, generator=g) - 0.5,
     }
-    ours_fns = dict(brightness=adjust_brightness, contrast=adjust_contrast, saturation=adjust_saturation,
-                    hue=adjust_hue)
-    tv_fns = dict(brightness=TF.adjust_brightness, contrast=TF.adjust_contrast, saturation=TF.adjust_saturation,
-                  hue=TF.adjust_hue)
+    ours_fns = dict(
+        brightness=adjust_brightness, contrast=adjust_contrast, saturation=adjust_saturation, hue=adjust_hue
+    )
+    tv_fns = dict(
+        brightness=TF.adjust_brightness, contrast=TF.adjust_contrast, saturation=TF.adjust_saturation, hue=TF.adjust_hue
+    )
     for name, f in factors.items():
         ours = ours_fns[name](x, f)
         ref = torch.stack([tv_fns[name](x[b], float(f[b])) for b in range(n)])
@@ -274,8 +306,9 @@ def test_blur_and_solarize_match_torchvision():
 
 def reference_view(x, p, b, kernel_size, info):
     """One sample's view with torchvision's functional ops and the drawn parameters."""
-    y = TF.resized_crop(x, int(p.top[b]), int(p.left[b]), int(p.height[b]), int(p.width[b]),
-                        [info.image_size] * 2, antialias=False)
+    y = TF.resized_crop(
+        x, int(p.top[b]), int(p.left[b]), int(p.height[b]), int(p.width[b]), [info.image_size] * 2, antialias=False
+    )
     if p.flip[b]:
         y = TF.horizontal_flip(y)
     if p.jitter[b]:
@@ -329,8 +362,20 @@ def test_determinism_processes_and_global_rng():
         part = views(images[positions], seed=0, epoch=1, step=5, positions=positions)
         half = views.params(0, 1, 5, 32, 32, positions=positions)
         for v in range(2):
-            for name in ("top", "left", "height", "width", "flip", "jitter", "order", "factors", "gray", "blur",
-                         "sigma", "solarize"):
+            for name in (
+                "top",
+                "left",
+                "height",
+                "width",
+                "flip",
+                "jitter",
+                "order",
+                "factors",
+                "gray",
+                "blur",
+                "sigma",
+                "solarize",
+            ):
                 assert torch.equal(getattr(half[v], name), getattr(full[v], name)[positions]), name
             torch.testing.assert_close(part[v], a[v][positions], atol=1e-5, rtol=0)
     with pytest.raises(ValueError):
@@ -385,8 +430,12 @@ def test_two_view_draws_are_the_pre_spec_layout():
         scale = (0.08 if method == "mocov3" else 0.2, 1.0)
         for v, p in enumerate(params):
             x = u[:, v]
-            boxes = [reference_get_params(x[b, :10].tolist(), x[b, 10:20].tolist(), float(x[b, 20]),
-                                          float(x[b, 21]), 96, 96, scale) for b in range(64)]
+            boxes = [
+                reference_get_params(
+                    x[b, :10].tolist(), x[b, 10:20].tolist(), float(x[b, 20]), float(x[b, 21]), 96, 96, scale
+                )
+                for b in range(64)
+            ]
             assert torch.stack([p.top, p.left, p.height, p.width], 1).tolist() == [list(r) for r in boxes]
             assert torch.equal(p.flip, x[:, 22] < 0.5) and torch.equal(p.jitter, x[:, 23] < 0.8)
             assert torch.equal(p.order, x[:, 24:28].argsort(dim=1))
@@ -458,7 +507,7 @@ def test_step_params_for_one_position_of_an_image_of_its_own_size():
         assert len(one) == 4
         for v in range(4):
             for name, value in vars(one[v]).items():
-                assert torch.equal(value, getattr(batch[v], name)[position:position + 1]), (v, name)
+                assert torch.equal(value, getattr(batch[v], name)[position : position + 1]), (v, name)
     with pytest.raises(ValueError):
         step_params(views.specs, 1, 2, 3, 8, 8, 32, 32)
 
@@ -470,8 +519,10 @@ def test_render_crops_equals_render_from_whole_images():
     images = smooth_images(24, 3, 64, seed=13)
     params = views.params(0, 1, 2, 64, 64, global_batch=24)
     x = images.float() / 255
-    crops = [resized_crop(x, p.top, p.left, p.height, p.width, torch.zeros(24, dtype=torch.bool), spec.size)
-             for p, spec in zip(params, views.specs)]
+    crops = [
+        resized_crop(x, p.top, p.left, p.height, p.width, torch.zeros(24, dtype=torch.bool), spec.size)
+        for p, spec in zip(params, views.specs)
+    ]
     for a, b in zip(views.render(images, params), views.render_crops(crops, params)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     assert int(params[0].flip.sum()) > 0 and int(params[0].jitter.sum()) > 0
@@ -511,9 +562,18 @@ def test_worker_transforms_are_built_from_the_same_specs():
     assert gray.saturation is None and gray.hue is None
 
 
-@pytest.mark.parametrize("method, preset", [("mocov3", "byol"), ("byol", "byol"), ("barlowtwins", "byol"),
-                                            ("vicreg", "byol"), ("dino", "byol"), ("simsiam", "simsiam"),
-                                            ("simclr", "simsiam")])
+@pytest.mark.parametrize(
+    "method, preset",
+    [
+        ("mocov3", "byol"),
+        ("byol", "byol"),
+        ("barlowtwins", "byol"),
+        ("vicreg", "byol"),
+        ("dino", "byol"),
+        ("simsiam", "simsiam"),
+        ("simclr", "simsiam"),
+    ],
+)
 def test_auto_preset_is_the_methods_paper_augmentation(method, preset):
     from batchssl.views import preset_for
 

@@ -24,8 +24,12 @@ def _off(r, center: float) -> tuple[float, float]:
 
 def spec_transform(spec: ViewSpec, info: DatasetInfo) -> T.Compose:
     """One view's chain (PIL image in, normalised tensor out), in batchssl.views' order of ops."""
-    jitter = T.ColorJitter(brightness=_off(spec.brightness, 1.0), contrast=_off(spec.contrast, 1.0),
-                           saturation=_off(spec.saturation, 1.0), hue=_off(spec.hue, 0.0))
+    jitter = T.ColorJitter(
+        brightness=_off(spec.brightness, 1.0),
+        contrast=_off(spec.contrast, 1.0),
+        saturation=_off(spec.saturation, 1.0),
+        hue=_off(spec.hue, 0.0),
+    )
     steps = [
         T.RandomResizedCrop(spec.size, scale=spec.scale, ratio=spec.ratio),
         T.RandomHorizontalFlip(p=spec.hflip),

@@ -51,8 +51,9 @@ class ResNet(nn.Module):
     def _make_layer(self, block, planes: int, blocks: int, stride: int) -> nn.Sequential:
         downsample = None
         if stride != 1 or self.inplanes != planes * block.expansion:
-            downsample = nn.Sequential(conv1x1(self.inplanes, planes * block.expansion, stride),
-                                       nn.BatchNorm2d(planes * block.expansion))
+            downsample = nn.Sequential(
+                conv1x1(self.inplanes, planes * block.expansion, stride), nn.BatchNorm2d(planes * block.expansion)
+            )
         layers = [block(self.inplanes, planes, stride, downsample)]
         self.inplanes = planes * block.expansion
         layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
@@ -69,8 +70,14 @@ class ViT(nn.Module):
 
     def __init__(self, image_size: int, patch_size: int, hidden: int, depth: int, heads: int, in_channels: int):
         super().__init__()
-        self.vit = VisionTransformer(image_size=image_size, patch_size=patch_size, num_layers=depth,
-                                     num_heads=heads, hidden_dim=hidden, mlp_dim=4 * hidden)
+        self.vit = VisionTransformer(
+            image_size=image_size,
+            patch_size=patch_size,
+            num_layers=depth,
+            num_heads=heads,
+            hidden_dim=hidden,
+            mlp_dim=4 * hidden,
+        )
         if in_channels != 3:
             self.vit.conv_proj = nn.Conv2d(in_channels, hidden, kernel_size=patch_size, stride=patch_size)
         self.vit.heads = nn.Identity()
@@ -91,8 +98,9 @@ def build_timm(name: str, cfg: ModelConfig, in_channels: int, image_size: int) -
     fixed = getattr(getattr(net, "patch_embed", None), "img_size", None)
     if fixed is not None and (tuple(fixed) != (image_size, image_size) or cfg.patch_size):
         extra = {"patch_size": cfg.patch_size} if cfg.patch_size else {}
-        net = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_channels, img_size=image_size,
-                                **extra)
+        net = timm.create_model(
+            name, pretrained=False, num_classes=0, in_chans=in_channels, img_size=image_size, **extra
+        )
     # head_hidden_size: models whose pooled features pass a pre-logits layer of another width (timm >= 0.9)
     return net, getattr(net, "head_hidden_size", None) or net.num_features
 

@@ -61,8 +61,7 @@ class BatchFormer(nn.Module):
         n = views[0].shape[0]
         if any(v.shape[0] != n for v in views):
             raise ValueError(f"BatchFormer: every view needs the same rows, got {[v.shape[0] for v in views]}")
-        out = self._attend_global(torch.cat(views), lambda blocks: joint_mask(n, blocks, views[0].device,
-                                                                              len(views)))
+        out = self._attend_global(torch.cat(views), lambda blocks: joint_mask(n, blocks, views[0].device, len(views)))
         return list(out.split(n))
 
 
@@ -79,8 +78,9 @@ def two_streams(batchformer: BatchFormer | None, views: list[Tensor]) -> list[Te
 ViewsLoss = Callable[[list[Tensor], list[Tensor]], Tensor]  # (online outputs per view, targets per view)
 
 
-def two_stream_loss(loss: ViewsLoss, online: Sequence[Tensor], targets: Sequence[Tensor], weight: float,
-                    n: int | None = None) -> dict[str, Tensor]:
+def two_stream_loss(
+    loss: ViewsLoss, online: Sequence[Tensor], targets: Sequence[Tensor], weight: float, n: int | None = None
+) -> dict[str, Tensor]:
     """A method's loss `loss(online_views, target_views)` over both streams.
 
     `online` are the views' online outputs (e.g. predictor outputs; any number of views) as `two_streams` laid
@@ -101,8 +101,9 @@ def two_stream_loss(loss: ViewsLoss, online: Sequence[Tensor], targets: Sequence
     return out
 
 
-def cross_view_loss(pair: Callable[[Tensor, Tensor], Tensor], online: Sequence[Tensor],
-                    targets: Sequence[Tensor]) -> Tensor:
+def cross_view_loss(
+    pair: Callable[[Tensor, Tensor], Tensor], online: Sequence[Tensor], targets: Sequence[Tensor]
+) -> Tensor:
     """Mean of pair(online[i], targets[j]) over every online view i and target view j with i != j.
 
     Online view i and target view j are the same view when i == j (targets are the first views: the global

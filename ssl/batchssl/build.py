@@ -86,11 +86,15 @@ def resolve_precision(requested: str) -> str:
 
 def check_batch(batch_size: int, world: int) -> None:
     if batch_size < world or batch_size % world:
-        raise UserError(f"train.batch_size={batch_size} must be a multiple of the number of processes "
-                        f"({world}), at least one image per process")
+        raise UserError(
+            f"train.batch_size={batch_size} must be a multiple of the number of processes "
+            f"({world}), at least one image per process"
+        )
     if batch_size // world < 2:
-        raise UserError(f"train.batch_size={batch_size} gives {batch_size // world} image per process on "
-                        f"{world} processes; batch norm needs at least 2")
+        raise UserError(
+            f"train.batch_size={batch_size} gives {batch_size // world} image per process on "
+            f"{world} processes; batch norm needs at least 2"
+        )
 
 
 def uses_loader_workers(cfg: Config) -> bool:
@@ -119,14 +123,18 @@ def build_pipeline(cfg: Config, info: DatasetInfo, device: torch.device, rank: i
         arrays = None if files else in_memory_pretrain_images(cfg.data)
         if arrays is not None:
             return DevicePipeline(cfg, info, *arrays, device=device, rank=rank, world=world)
-        raise UserError(f"data.pipeline=device needs an in-memory dataset; {cfg.data.name} is read from disk: "
-                        "use data.pipeline=split (or auto)")
-    return WorkerPipeline(cfg, info, pretrain_dataset(cfg.data), device, rank, world,
-                          channels_last=uses_channels_last(cfg))
+        raise UserError(
+            f"data.pipeline=device needs an in-memory dataset; {cfg.data.name} is read from disk: "
+            "use data.pipeline=split (or auto)"
+        )
+    return WorkerPipeline(
+        cfg, info, pretrain_dataset(cfg.data), device, rank, world, channels_last=uses_channels_last(cfg)
+    )
 
 
-def build_model(cfg: Config, info: DatasetInfo, accelerator: Accelerator,
-                wrap: Callable[[nn.Module], nn.Module] | None = None) -> tuple[nn.Module, torch.optim.Optimizer, int]:
+def build_model(
+    cfg: Config, info: DatasetInfo, accelerator: Accelerator, wrap: Callable[[nn.Module], nn.Module] | None = None
+) -> tuple[nn.Module, torch.optim.Optimizer, int]:
     """(prepared method, optimiser, backbone feature dimension). `wrap` (benchmarks: a bf16 autocast around one
     variant's forward) wraps the method before it is prepared; the trainer passes none."""
     backbone, feature_dim = build_backbone(cfg.model, info.in_channels, info.image_size)
@@ -152,8 +160,9 @@ def build_online_linear(cfg: Config, info: DatasetInfo, feature_dim: int, pipeli
         return None
     if not pipeline.has_labels:
         return None
-    probe = OnlineLinear(feature_dim, info.num_classes, seed=cfg.seed,
-                         skip_unlabelled=pipeline.has_unlabelled).to(accelerator.device)
+    probe = OnlineLinear(feature_dim, info.num_classes, seed=cfg.seed, skip_unlabelled=pipeline.has_unlabelled).to(
+        accelerator.device
+    )
     accelerator.register_for_checkpointing(probe)
     return probe
 
@@ -171,5 +180,6 @@ def build_training(cfg: Config, accelerator: Accelerator, pipeline=None) -> Trai
     method, optimizer, feature_dim = build_model(cfg, info, accelerator)
     inner = accelerator.unwrap_model(method)
     online = build_online_linear(cfg, info, feature_dim, pipeline, accelerator)
-    return Training(info, pipeline, method, inner, optimizer, Schedule.of(cfg, pipeline.steps_per_epoch), online,
-                    feature_dim)
+    return Training(
+        info, pipeline, method, inner, optimizer, Schedule.of(cfg, pipeline.steps_per_epoch), online, feature_dim
+    )

@@ -38,10 +38,17 @@ def model_signature(cfg: Config) -> dict:
     """What must match for a checkpoint's weights to fit this run's model."""
     return {
         "dataset": cfg.data.name,
-        "arch": cfg.model.arch, "width": cfg.model.width, "stem": cfg.model.stem, "patch_size": cfg.model.patch_size,
-        "method": cfg.method.name, "proj_hidden_dim": cfg.method.proj_hidden_dim, "proj_dim": cfg.method.proj_dim,
-        "proj_layers": cfg.method.proj_layers, "pred_hidden_dim": cfg.method.pred_hidden_dim,
-        "batchformer": cfg.batchformer.enabled, "batchformer_position": cfg.batchformer.position,
+        "arch": cfg.model.arch,
+        "width": cfg.model.width,
+        "stem": cfg.model.stem,
+        "patch_size": cfg.model.patch_size,
+        "method": cfg.method.name,
+        "proj_hidden_dim": cfg.method.proj_hidden_dim,
+        "proj_dim": cfg.method.proj_dim,
+        "proj_layers": cfg.method.proj_layers,
+        "pred_hidden_dim": cfg.method.pred_hidden_dim,
+        "batchformer": cfg.batchformer.enabled,
+        "batchformer_position": cfg.batchformer.position,
         "batchformer_nhead": cfg.batchformer.nhead,
     }
 
@@ -72,8 +79,11 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     root = checkpoint_dir(output_dir)
     if not root.is_dir():
         return []
-    found = [(_order(p, m.group(1), int(m.group(2))), p) for p in root.iterdir()
-             if (m := _CHECKPOINT.match(p.name)) and (p / STATE_FILE).is_file()]
+    found = [
+        (_order(p, m.group(1), int(m.group(2))), p)
+        for p in root.iterdir()
+        if (m := _CHECKPOINT.match(p.name)) and (p / STATE_FILE).is_file()
+    ]
     return [p for _, p in sorted(found)]
 
 
@@ -95,12 +105,18 @@ def _write_failed(err: OSError, tmp: Path, output_dir: str | Path) -> UserError:
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
         need = _dir_size(older[-1]) if older else 0  # a checkpoint's size hardly changes from one to the next
         free = shutil.disk_usage(root).free if root.is_dir() else 0
-        what = (f"no space left in {root}: a checkpoint needs about {need / 2**20:.0f} MiB, "
-                f"{free / 2**20:.0f} MiB free" if need else f"no space left in {root} ({free / 2**20:.0f} MiB free)")
-        return UserError(f"{what}; {kept}. Free space (or lower checkpoint.keep_last) and rerun the same command to "
-                         "resume")
-    return UserError(f"cannot write a checkpoint in {root}: {err.strerror or err}; {kept}. Rerun the same command "
-                     "to resume once it is fixed")
+        what = (
+            f"no space left in {root}: a checkpoint needs about {need / 2**20:.0f} MiB, {free / 2**20:.0f} MiB free"
+            if need
+            else f"no space left in {root} ({free / 2**20:.0f} MiB free)"
+        )
+        return UserError(
+            f"{what}; {kept}. Free space (or lower checkpoint.keep_last) and rerun the same command to resume"
+        )
+    return UserError(
+        f"cannot write a checkpoint in {root}: {err.strerror or err}; {kept}. Rerun the same command "
+        "to resume once it is fixed"
+    )
 
 
 def stage_checkpoint(accelerator, output_dir: str | Path, state: dict, name: str) -> Path:
@@ -120,8 +136,9 @@ def stage_checkpoint(accelerator, output_dir: str | Path, state: dict, name: str
     except SafetensorError as err:  # safetensors reports a failed write as its own error, the errno in its text
         if "Os {" not in str(err) and "No space left" not in str(err):  # an I/O failure, not a bad tensor
             raise
-        raise _write_failed(OSError(errno.ENOSPC if "No space left" in str(err) else errno.EIO, str(err)), tmp,
-                            output_dir) from None
+        raise _write_failed(
+            OSError(errno.ENOSPC if "No space left" in str(err) else errno.EIO, str(err)), tmp, output_dir
+        ) from None
     except OSError as err:
         raise _write_failed(err, tmp, output_dir) from None
     return tmp
@@ -162,16 +179,21 @@ def load_checkpoint(accelerator, path: Path, cfg: Config) -> dict:
     theirs, ours = state.get("model_signature", {}), model_signature(cfg)
     diff = [f"{k}: checkpoint {theirs.get(k)!r} vs run {v!r}" for k, v in ours.items() if theirs.get(k) != v]
     if diff:
-        raise UserError(f"checkpoint {path} was written for another model ({'; '.join(diff)}): use another "
-                        "output_dir or checkpoint.resume=none with a fresh output_dir")
+        raise UserError(
+            f"checkpoint {path} was written for another model ({'; '.join(diff)}): use another "
+            "output_dir or checkpoint.resume=none with a fresh output_dir"
+        )
     try:
         accelerator.load_state(str(path))
     except (RuntimeError, SafetensorError, OSError, KeyError, ValueError, EOFError) as err:
         # The signature matched, so the model fits: the files themselves are damaged.
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         older = [p for p in complete_checkpoints(path.parent.parent) if p != path]  # <run>/checkpoints/epoch_N
-        way_out = (f"resume from the previous one with checkpoint.resume={older[-1]}" if older
-                   else "no older checkpoint is left: start afresh in another output_dir")
+        way_out = (
+            f"resume from the previous one with checkpoint.resume={older[-1]}"
+            if older
+            else "no older checkpoint is left: start afresh in another output_dir"
+        )
         raise UserError(f"checkpoint {path} is damaged ({first[:200]}); {way_out}") from None
     return state
 
@@ -251,8 +273,9 @@ class RunLock:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
             handle.close()
-            raise UserError(f"{self.run_dir} is in use by {holder}: wait for it to finish or use another "
-                            "output_dir") from None
+            raise UserError(
+                f"{self.run_dir} is in use by {holder}: wait for it to finish or use another output_dir"
+            ) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"{self.purpose} (pid {os.getpid()} on {socket.gethostname()})\n")
@@ -277,12 +300,27 @@ CONFIG_FILE = "config.yaml"
 CONFIG_HISTORY = "config_history.jsonl"
 # Settings that change neither the model nor the training trajectory: free to change on resume.
 FREE_TO_CHANGE = {
-    "output_dir", "data.root", "data.download", "data.num_workers", "data.val_limit",
-    "checkpoint.every_n_epochs", "checkpoint.every_n_steps", "checkpoint.signals", "checkpoint.requeue",
-    "checkpoint.keep_last", "checkpoint.resume", "checkpoint.allow_changes",
-    "train.log_every_n_steps", "train.log_with",
-    "monitor.every_n_epochs", "monitor.k", "monitor.temperature", "monitor.batch_size", "monitor.enabled",
-    "monitor.collapse_fraction", "monitor.collapse_patience",
+    "output_dir",
+    "data.root",
+    "data.download",
+    "data.num_workers",
+    "data.val_limit",
+    "checkpoint.every_n_epochs",
+    "checkpoint.every_n_steps",
+    "checkpoint.signals",
+    "checkpoint.requeue",
+    "checkpoint.keep_last",
+    "checkpoint.resume",
+    "checkpoint.allow_changes",
+    "train.log_every_n_steps",
+    "train.log_with",
+    "monitor.every_n_epochs",
+    "monitor.k",
+    "monitor.temperature",
+    "monitor.batch_size",
+    "monitor.enabled",
+    "monitor.collapse_fraction",
+    "monitor.collapse_patience",
 }
 FREE_SECTIONS = ()
 
@@ -290,8 +328,11 @@ FREE_SECTIONS = ()
 def config_changes(cfg: Config, previous: dict) -> list[str]:
     """'key: old -> new' for every setting that differs from `previous` and may change the model or trajectory."""
     ours, theirs = dotted_items(to_dict(cfg)), dotted_items(previous)
-    return [f"{k}: {theirs.get(k)!r} -> {ours.get(k)!r}" for k in sorted(ours.keys() | theirs.keys())
-            if ours.get(k) != theirs.get(k) and k not in FREE_TO_CHANGE and not k.startswith(FREE_SECTIONS)]
+    return [
+        f"{k}: {theirs.get(k)!r} -> {ours.get(k)!r}"
+        for k in sorted(ours.keys() | theirs.keys())
+        if ours.get(k) != theirs.get(k) and k not in FREE_TO_CHANGE and not k.startswith(FREE_SECTIONS)
+    ]
 
 
 def check_config_change(cfg: Config, output_dir: str | Path, resume_from: Path | None) -> None:
@@ -305,8 +346,10 @@ def check_config_change(cfg: Config, output_dir: str | Path, resume_from: Path |
     changes = config_changes(cfg, previous)
     if changes:
         shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
-        raise UserError(f"{output_dir} was trained with other settings ({shown}): resuming would mix two runs. "
-                        "Use another output_dir, or add checkpoint.allow_changes=true to continue with the new ones")
+        raise UserError(
+            f"{output_dir} was trained with other settings ({shown}): resuming would mix two runs. "
+            "Use another output_dir, or add checkpoint.allow_changes=true to continue with the new ones"
+        )
 
 
 def record_config(cfg: Config, output_dir: str | Path, resume_from: Path | None) -> None:
@@ -316,11 +359,13 @@ def record_config(cfg: Config, output_dir: str | Path, resume_from: Path | None)
 
     import yaml
 
-
     out = Path(output_dir)
     tree = to_dict(cfg)
     atomic_write(out / CONFIG_FILE, yaml.safe_dump(tree, sort_keys=False))
-    entry = {"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-             "resumed_from": str(resume_from) if resume_from else None, "config": tree}
+    entry = {
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "resumed_from": str(resume_from) if resume_from else None,
+        "config": tree,
+    }
     with (out / CONFIG_HISTORY).open("a") as f:
         f.write(json.dumps(entry) + "\n")

@@ -16,23 +16,41 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", help="with --backbone: resnet18 | resnet50 | vit_tiny | vit_small | vit_base")
     parser.add_argument("--dataset", help="with --backbone: fashion_mnist | cifar10 | cifar100 | stl10 | imagefolder")
     parser.add_argument("--out", help="with --backbone: folder for the JSON result (default: beside the weights)")
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="feature extraction; auto: the run's train.mixed_precision, as the live monitor")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. data.root=/datasets data.limit=null data.num_workers=8")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="feature extraction; auto: the run's train.mixed_precision, as the live monitor",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides, e.g. data.root=/datasets data.limit=null data.num_workers=8",
+    )
 
 
 def source_from_args(args: argparse.Namespace) -> FrozenSource:
-    return FrozenSource(run=args.run, weights=args.backbone, arch=args.arch, dataset=args.dataset, out=args.out,
-                        precision=args.precision, overrides=list(args.overrides))
+    return FrozenSource(
+        run=args.run,
+        weights=args.backbone,
+        arch=args.arch,
+        dataset=args.dataset,
+        out=args.out,
+        precision=args.precision,
+        overrides=list(args.overrides),
+    )
 
 
 def result_key(name: str, settings, source: FrozenSource) -> str:
     """What identifies a result: the evaluator, its settings, the feature precision and the config overrides."""
     from dataclasses import asdict
 
-    fields = ", ".join(f"{k}={v}" for k, v in asdict(settings).items() if k not in ("num_workers", "batch_size")
-                       or name.startswith("linear"))
+    fields = ", ".join(
+        f"{k}={v}"
+        for k, v in asdict(settings).items()
+        if k not in ("num_workers", "batch_size") or name.startswith("linear")
+    )
     overrides = " ".join(sorted(source.overrides))
     return f"{name} [{fields}] precision={source.precision}" + (f" {overrides}" if overrides else "")
 

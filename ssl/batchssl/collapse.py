@@ -54,9 +54,11 @@ class CollapseAlarm:
     def message(self, z_std: float | None = None) -> str:
         """One line for the log when the alarm fires."""
         now = f"z_std {z_std:.2e}, " if z_std is not None else ""
-        return (f"collapse alarm: {now}below {self.threshold:.2e} ({self.fraction:g} / sqrt({self.dim})) for "
-                f"{self.patience} logged steps in a row; a healthy run stays near 1/sqrt(d) = {self.healthy:.2e}. "
-                "The representation has likely collapsed: check the lr, the predictor and the augmentations")
+        return (
+            f"collapse alarm: {now}below {self.threshold:.2e} ({self.fraction:g} / sqrt({self.dim})) for "
+            f"{self.patience} logged steps in a row; a healthy run stays near 1/sqrt(d) = {self.healthy:.2e}. "
+            "The representation has likely collapsed: check the lr, the predictor and the augmentations"
+        )
 
     def state_dict(self) -> dict:
         return {"low_steps": self.low_steps, "fired": self.fired}

@@ -95,8 +95,10 @@ class ModelConfig:
         if self.arch.startswith("timm:"):
             _check_timm_model(self.arch.removeprefix("timm:"))
         elif self.arch not in BUILTIN_ARCHS:
-            raise UserError(f"config key 'model.arch' expects {' | '.join(map(repr, BUILTIN_ARCHS))} or "
-                            f"'timm:<model name>', got {self.arch!r}")
+            raise UserError(
+                f"config key 'model.arch' expects {' | '.join(map(repr, BUILTIN_ARCHS))} or "
+                f"'timm:<model name>', got {self.arch!r}"
+            )
 
 
 def _check_timm_model(name: str) -> None:
@@ -335,8 +337,9 @@ def read_yaml(path: str | Path) -> dict:
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise UserError(f"config file {path} is not valid YAML{where}: {problem}") from None
     if tree is None:
-        raise UserError(f"config file {path} is empty: a recipe names at least its method and data "
-                        f"(start from {DEFAULT_RECIPE})")
+        raise UserError(
+            f"config file {path} is empty: a recipe names at least its method and data (start from {DEFAULT_RECIPE})"
+        )
     if not isinstance(tree, dict):
         raise UserError(f"config file {path} must hold a mapping at the top level")
     return tree
@@ -381,16 +384,17 @@ def validate(cfg: Config) -> None:
         (t.epochs >= 1, "train.epochs must be >= 1"),
         (t.batch_size >= 2, "train.batch_size must be >= 2 (batch statistics need two samples)"),
         (t.log_every_n_steps >= 1, "train.log_every_n_steps must be >= 1"),
-        (t.max_grad_norm is None or (_finite(t.max_grad_norm) and t.max_grad_norm > 0),
-         "train.max_grad_norm must be a positive number or null"),
+        (
+            t.max_grad_norm is None or (_finite(t.max_grad_norm) and t.max_grad_norm > 0),
+            "train.max_grad_norm must be a positive number or null",
+        ),
         (d.limit is None or d.limit >= 1, "data.limit must be >= 1"),
         (d.val_limit is None or d.val_limit >= 1, "data.val_limit must be >= 1"),
         (d.pretrain_limit is None or d.pretrain_limit >= 1, "data.pretrain_limit must be >= 1"),
         (d.holdout >= 0, "data.holdout must be >= 0"),
         (d.num_workers >= 0, "data.num_workers must be >= 0"),
         (d.image_size is None or d.image_size >= 8, "data.image_size must be >= 8 pixels or null"),
-        (d.imbalance_ratio >= 1 and _finite(d.imbalance_ratio),
-         "data.imbalance_ratio must be >= 1 (1: balanced)"),
+        (d.imbalance_ratio >= 1 and _finite(d.imbalance_ratio), "data.imbalance_ratio must be >= 1 (1: balanced)"),
         (a.min_scale is None or 0 < a.min_scale <= 1, "augment.min_scale must be in (0, 1]"),
         (0 <= a.hflip <= 1, "augment.hflip must be a probability in [0, 1]"),
         (a.color_jitter >= 0 and _finite(a.color_jitter), "augment.color_jitter must be >= 0"),
@@ -410,11 +414,15 @@ def validate(cfg: Config) -> None:
         (m.collapse_patience >= 1, "monitor.collapse_patience must be >= 1"),
         (_finite(cfg.method.temperature) and cfg.method.temperature > 0, "method.temperature must be > 0"),
         (0 <= cfg.method.momentum <= 1, "method.momentum must be in [0, 1]"),
-        (cfg.method.momentum <= cfg.method.momentum_final <= 1,
-         "method.momentum_final must be in [method.momentum, 1]"),
+        (
+            cfg.method.momentum <= cfg.method.momentum_final <= 1,
+            "method.momentum_final must be in [method.momentum, 1]",
+        ),
         (cfg.method.proj_layers >= 2, "method.proj_layers must be >= 2"),
-        (min(cfg.method.proj_dim, cfg.method.proj_hidden_dim, cfg.method.pred_hidden_dim) >= 1,
-         "method.proj_dim, proj_hidden_dim and pred_hidden_dim must be >= 1"),
+        (
+            min(cfg.method.proj_dim, cfg.method.proj_hidden_dim, cfg.method.pred_hidden_dim) >= 1,
+            "method.proj_dim, proj_hidden_dim and pred_hidden_dim must be >= 1",
+        ),
         (0 <= cfg.batchformer.dropout < 1, "batchformer.dropout must be in [0, 1)"),
         (cfg.batchformer.nhead >= 1, "batchformer.nhead must be >= 1"),
         (_finite(cfg.batchformer.weight) and cfg.batchformer.weight >= 0, "batchformer.weight must be >= 0"),
@@ -431,8 +439,11 @@ def to_dict(cfg: Config) -> dict:
         return list(value) if isinstance(value, tuple) else value
 
     return {
-        f.name: (to_dict(getattr(cfg, f.name)) if dataclasses.is_dataclass(getattr(cfg, f.name))
-                 else plain(getattr(cfg, f.name)))
+        f.name: (
+            to_dict(getattr(cfg, f.name))
+            if dataclasses.is_dataclass(getattr(cfg, f.name))
+            else plain(getattr(cfg, f.name))
+        )
         for f in dataclasses.fields(cfg)
     }
 

@@ -34,8 +34,9 @@ def code_version() -> str:
 
     here = Path(__file__).resolve().parent
     try:
-        result = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10)
+        result = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.TimeoutExpired):
         return f"batchssl {__version__}"
     commit = result.stdout.strip()
@@ -91,8 +92,10 @@ def describe_mismatch(everyone: list[dict]) -> str:
     parts += [f"{key} ({_by_value(values, missing)})" for key, values in differing[:_SHOWN_KEYS]]
     more = len(differing) - _SHOWN_KEYS
     shown = "; ".join(parts) + (f"; and {more} more keys" if more > 0 else "")
-    return (f"the {len(everyone)} processes of this run were started with different settings: {shown}. "
-            "Start every node with the same command, overrides and code")
+    return (
+        f"the {len(everyone)} processes of this run were started with different settings: {shown}. "
+        "Start every node with the same command, overrides and code"
+    )
 
 
 def _by_value(values: list, missing: object) -> str:

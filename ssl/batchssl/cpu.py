@@ -33,13 +33,18 @@ def _ancestors(levels: int = 4) -> list[tuple[list[str], dict[str, str]]]:
         proc = Path(f"/proc/{pid}")
         try:
             argv = proc.joinpath("cmdline").read_bytes().split(b"\0")
-            env = dict(item.split(b"=", 1) for item in proc.joinpath("environ").read_bytes().split(b"\0")
-                       if b"=" in item)
+            env = dict(
+                item.split(b"=", 1) for item in proc.joinpath("environ").read_bytes().split(b"\0") if b"=" in item
+            )
             status = proc.joinpath("status").read_text()
         except OSError:
             break
-        found.append(([a.decode(errors="replace") for a in argv if a],
-                      {k.decode(errors="replace"): v.decode(errors="replace") for k, v in env.items()}))
+        found.append(
+            (
+                [a.decode(errors="replace") for a in argv if a],
+                {k.decode(errors="replace"): v.decode(errors="replace") for k, v in env.items()},
+            )
+        )
         pid = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
         if pid <= 1:
             break
@@ -78,8 +83,11 @@ def training_on_cpu() -> bool:
     """Whether the trainer's Accelerator will pick the CPU (no GPU or other accelerator present)."""
     import torch
 
-    accelerators = [torch.cuda.is_available(), torch.backends.mps.is_available(),
-                    hasattr(torch, "xpu") and torch.xpu.is_available()]
+    accelerators = [
+        torch.cuda.is_available(),
+        torch.backends.mps.is_available(),
+        hasattr(torch, "xpu") and torch.xpu.is_available(),
+    ]
     return not any(accelerators)
 
 
@@ -98,8 +106,10 @@ def tune_process(cfg) -> list[str]:
     if threads:
         done.append(f"{threads} CPU threads (accelerate launch had set 1)")
         if os.environ.get("LOCAL_RANK", "0") == "0":
-            print(f"accelerate launch set 1 CPU thread per process; using {threads} "
-                  "(set OMP_NUM_THREADS or --num_cpu_threads_per_process to choose)")
+            print(
+                f"accelerate launch set 1 CPU thread per process; using {threads} "
+                "(set OMP_NUM_THREADS or --num_cpu_threads_per_process to choose)"
+            )
     if training_on_cpu():
         done.append(tune_malloc())
     return done

@@ -193,8 +193,12 @@ def _read_idx(path: Path) -> np.ndarray:
 
 def _fashion_mnist(cfg: DataConfig, train: bool) -> Dataset:
     prefix = "train" if train else "t10k"
-    candidates = [Path(cfg.root), Path(cfg.root) / "fashion-mnist", Path(cfg.root) / "FashionMNIST" / "raw",
-                  DEBIAN_FASHION_MNIST]
+    candidates = [
+        Path(cfg.root),
+        Path(cfg.root) / "fashion-mnist",
+        Path(cfg.root) / "FashionMNIST" / "raw",
+        DEBIAN_FASHION_MNIST,
+    ]
     for folder in candidates:
         for suffix in (".gz", ""):
             images = folder / f"{prefix}-images-idx3-ubyte{suffix}"
@@ -223,8 +227,10 @@ def _torchvision(cfg: DataConfig, split: str) -> Dataset:
         ds = datasets.STL10(cfg.root, split=split, download=cfg.download)
         return ArrayImages(ds.data.transpose(0, 2, 3, 1), ds.labels)  # unlabeled images have label -1
     except RuntimeError as err:
-        raise UserError(f"{cfg.name} not found in {cfg.root} ({err}): add data.download=true to fetch it, "
-                        "or set data.root to the folder that holds it") from None
+        raise UserError(
+            f"{cfg.name} not found in {cfg.root} ({err}): add data.download=true to fetch it, "
+            "or set data.root to the folder that holds it"
+        ) from None
 
 
 def _image_folder(cfg: DataConfig, split: str) -> Dataset:
@@ -235,14 +241,17 @@ def _image_folder(cfg: DataConfig, split: str) -> Dataset:
         raise UserError(f"image folder {folder} not found: data.root must hold train/<class>/* and val/<class>/*")
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
     if not classes:
-        raise UserError(f"image folder {folder} has no class folders: data.root must hold train/<class>/* and "
-                        "val/<class>/*")
+        raise UserError(
+            f"image folder {folder} has no class folders: data.root must hold train/<class>/* and val/<class>/*"
+        )
     try:
         return ImageFolder(str(folder), loader=_load_image)
     except FileNotFoundError as err:  # torchvision: "Found no valid file for the classes a, b. ..."
         empty = str(err).split("for the classes")[-1].split(".")[0].strip()
-        raise UserError(f"image folder {folder}: no images in the class folder(s) {empty} "
-                        "(supported: .jpg .jpeg .png .ppm .bmp .pgm .tif .tiff .webp)") from None
+        raise UserError(
+            f"image folder {folder}: no images in the class folder(s) {empty} "
+            "(supported: .jpg .jpeg .png .ppm .bmp .pgm .tif .tiff .webp)"
+        ) from None
 
 
 def _load_image(path: str) -> Image.Image:
@@ -349,8 +358,10 @@ def _base_labels(ds: Dataset) -> np.ndarray:
 
 def _check_long_tail(cfg: DataConfig) -> None:
     if cfg.imbalance_ratio != 1 and cfg.name == "stl10":
-        raise UserError("data.imbalance_ratio needs a labelled pretraining split: STL-10 pretrains on 100k "
-                        "unlabelled images (use cifar10, cifar100, fashion_mnist or imagefolder)")
+        raise UserError(
+            "data.imbalance_ratio needs a labelled pretraining split: STL-10 pretrains on 100k "
+            "unlabelled images (use cifar10, cifar100, fashion_mnist or imagefolder)"
+        )
 
 
 def _pretrain_rows(cfg: DataConfig) -> tuple[Dataset, np.ndarray]:

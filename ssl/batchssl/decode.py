@@ -90,8 +90,13 @@ def decode(data: bytes, name: str, factor: int = 1) -> tuple[np.ndarray, int]:
             if factor == 1:
                 return simplejpeg.decode_jpeg(data, colorspace="RGB"), 1
             # min size ceil(H / k) forbids factors above k, min_factor = k those below it: exactly 1 / k.
-            array = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=math.ceil(height / factor),
-                                           min_width=math.ceil(width / factor), min_factor=factor)
+            array = simplejpeg.decode_jpeg(
+                data,
+                colorspace="RGB",
+                min_height=math.ceil(height / factor),
+                min_width=math.ceil(width / factor),
+                min_factor=factor,
+            )
             return array, factor
         except ValueError as err:  # truncated or corrupt data (strict mode reports libjpeg's warnings too)
             raise UnreadableImageError(f"cannot read image {name}: {err}") from None
@@ -119,8 +124,9 @@ def resized_crops(image: np.ndarray, boxes: Sequence[Box], sizes: Sequence[int],
     return out
 
 
-def decode_crops(data: bytes, boxes: Sequence[Box], sizes: int | Sequence[int], name: str,
-                 reduce: bool = True) -> list[np.ndarray]:
+def decode_crops(
+    data: bytes, boxes: Sequence[Box], sizes: int | Sequence[int], name: str, reduce: bool = True
+) -> list[np.ndarray]:
     """Every box's crop of the encoded image resized to its view's size, uint8 (size, size, 3), from one decode.
 
     sizes: one output size for all boxes or one per box. reduce=False decodes at full scale (the reference the

@@ -132,9 +132,15 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module
     converted = module
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, CrossProcessBatchNorm):
         like = next(iter(module.state_dict().values()))  # keep the device and float dtype
-        converted = CrossProcessBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                                          module.track_running_stats, device=like.device,
-                                          dtype=module.running_mean.dtype if module.track_running_stats else like.dtype)
+        converted = CrossProcessBatchNorm(
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+            device=like.device,
+            dtype=module.running_mean.dtype if module.track_running_stats else like.dtype,
+        )
         if module.affine:
             with torch.no_grad():
                 converted.weight.copy_(module.weight)

@@ -54,11 +54,15 @@ class FileSource:
         picks = np.unique(np.linspace(0, len(self.paths) - 1, min(EMPTY_CHECK, len(self.paths))).astype(int))
         empty = [self.paths[i] for i in picks if os.path.getsize(self.paths[i]) == 0]
         if len(empty) == len(picks):
-            raise UserError(f"image folder {folder}: every image file checked ({len(picks)}) is empty (0 bytes), "
-                            f"e.g. {empty[0]}: copy the images again")
+            raise UserError(
+                f"image folder {folder}: every image file checked ({len(picks)}) is empty (0 bytes), "
+                f"e.g. {empty[0]}: copy the images again"
+            )
         if empty:
-            raise UserError(f"image folder {folder}: {len(empty)} of {len(picks)} image files checked are empty "
-                            f"(0 bytes), e.g. {empty[0]}: remove or replace them")
+            raise UserError(
+                f"image folder {folder}: {len(empty)} of {len(picks)} image files checked are empty "
+                f"(0 bytes), e.g. {empty[0]}: remove or replace them"
+            )
 
 
 class StepCrops(Dataset):
@@ -67,8 +71,7 @@ class StepCrops(Dataset):
     specs: the views' ViewSpecs (batchssl.views.view_specs): each view's crop scale, ratio and output size.
     reduce=False decodes every image at full scale (the reference for tests and benchmarks)."""
 
-    def __init__(self, source, specs: Sequence, seed: int, global_batch: int, positions: Tensor,
-                 reduce: bool = True):
+    def __init__(self, source, specs: Sequence, seed: int, global_batch: int, positions: Tensor, reduce: bool = True):
         self.source, self.specs, self.seed = source, list(specs), seed
         self.global_batch, self.positions, self.reduce = global_batch, torch.as_tensor(positions), reduce
         self._order: tuple[int, Tensor] | None = None  # (epoch, its (steps, this process's rows) table)
@@ -140,15 +143,17 @@ class _StreamSteps(Sampler):
 
     def __iter__(self):
         # A sequential stream: the skipped steps' files are read (not decoded) to reach step `start`.
-        return ((self.epoch, step, files) for step, files in enumerate(self.stream.steps(self.epoch))
-                if step >= self.start)
+        return (
+            (self.epoch, step, files) for step, files in enumerate(self.stream.steps(self.epoch)) if step >= self.start
+        )
 
 
 class SplitPipeline:
     """Crops from loader workers, the rest on the device. See the module docstring."""
 
-    def __init__(self, cfg: Config, info: DatasetInfo, source, device: torch.device, rank: int = 0, world: int = 1,
-                 stream=None):
+    def __init__(
+        self, cfg: Config, info: DatasetInfo, source, device: torch.device, rank: int = 0, world: int = 1, stream=None
+    ):
         """source: random access to the images (FileSource, shards.ShardImages); stream: a shards.ShardStream
         that delivers each step's images instead (the source is then unused)."""
         from batchssl.views import DeviceViews
@@ -164,8 +169,14 @@ class SplitPipeline:
         self.views_in_workers = device.type == "cpu" and workers > 0
         if self.views_in_workers:
             self.crops.render = self.views
-        self.loader = DataLoader(self.crops, batch_size=None, sampler=self.sampler, num_workers=workers,
-                                 persistent_workers=workers > 0, pin_memory=device.type == "cuda")
+        self.loader = DataLoader(
+            self.crops,
+            batch_size=None,
+            sampler=self.sampler,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=device.type == "cuda",
+        )
         self.device = device
         self.has_labels, self.has_unlabelled = info.num_classes >= 2, False
 
@@ -199,8 +210,9 @@ def image_folder_source(cfg: Config) -> FileSource:
     return source
 
 
-def build_split_pipeline(cfg: Config, info: DatasetInfo, device: torch.device, rank: int = 0,
-                         world: int = 1) -> SplitPipeline:
+def build_split_pipeline(
+    cfg: Config, info: DatasetInfo, device: torch.device, rank: int = 0, world: int = 1
+) -> SplitPipeline:
     """The split pipeline of an ImageFolder or a shard directory (data.name imagefolder | shards).
 
     Shards are streamed (each process its own, sequentially) unless a cut of the pretraining split (data.limit,
@@ -218,8 +230,9 @@ def build_split_pipeline(cfg: Config, info: DatasetInfo, device: torch.device, r
 
         base, rows = _pretrain_rows(d)
         return SplitPipeline(cfg, info, _RowsSource(Rows(base, rows)), device, rank, world)
-    raise UserError(f"data.pipeline=split reads image files; {d.name} is held in memory: use "
-                    "data.pipeline=device (or auto)")
+    raise UserError(
+        f"data.pipeline=split reads image files; {d.name} is held in memory: use data.pipeline=device (or auto)"
+    )
 
 
 class _RowsSource:

@@ -43,9 +43,11 @@ def main(argv: list[str] | None = None) -> None:
             if isinstance(err, DistStoreError) and "waiting for clients" not in str(err):
                 raise
             endpoint, key, timeout = rendezvous_summary(args)
-            raise UserError(f"not every node joined the rendezvous at {endpoint} within {timeout} s "
-                            f"(--nnodes {args.nnodes}; torchrun --rdzv-conf {key}=SECONDS sets the wait): start the "
-                            f"same command on every node, and check that {endpoint} is reachable from each") from None
+            raise UserError(
+                f"not every node joined the rendezvous at {endpoint} within {timeout} s "
+                f"(--nnodes {args.nnodes}; torchrun --rdzv-conf {key}=SECONDS sets the wait): start the "
+                f"same command on every node, and check that {endpoint} is reachable from each"
+            ) from None
 
 
 if __name__ == "__main__":
@@ -90,6 +92,8 @@ def explain_join_failure():
         endpoint = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
         timeout = group_timeout()
         wait = f"{timeout.total_seconds():g} s ({TIMEOUT_ENV})" if timeout else f"torch's default wait ({TIMEOUT_ENV})"
-        raise UserError(f"the {os.environ.get('WORLD_SIZE', '?')} processes of this run did not all join the process "
-                        f"group at {endpoint} within {wait}: start every node, and check that {endpoint} is reachable "
-                        f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+        raise UserError(
+            f"the {os.environ.get('WORLD_SIZE', '?')} processes of this run did not all join the process "
+            f"group at {endpoint} within {wait}: start every node, and check that {endpoint} is reachable "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        ) from None

@@ -33,8 +33,9 @@ class KnnMonitor:
 
         start = time.perf_counter()
         m = self.cfg.monitor
-        settings = KnnSettings(ks=(m.k,), temperature=m.temperature, batch_size=m.batch_size,
-                               num_workers=self.cfg.data.num_workers)
+        settings = KnnSettings(
+            ks=(m.k,), temperature=m.temperature, batch_size=m.batch_size, num_workers=self.cfg.data.num_workers
+        )
         features = split_features(backbone, self.bank, self.val, settings, accelerator, dtype)
         result = {}
         if accelerator.is_main_process:

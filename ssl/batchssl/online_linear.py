@@ -40,8 +40,17 @@ from batchssl.optim import warmup_cosine
 
 
 class OnlineLinear(nn.Module):
-    def __init__(self, feature_dim: int, num_classes: int, lr: float = 0.1, momentum: float = 0.9,
-                 weight_decay: float = 0.0, seed: int = 0, init_std: float = 0.01, skip_unlabelled: bool = True):
+    def __init__(
+        self,
+        feature_dim: int,
+        num_classes: int,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+        init_std: float = 0.01,
+        skip_unlabelled: bool = True,
+    ):
         super().__init__()
         if feature_dim < 1 or num_classes < 2:
             raise ValueError(f"OnlineLinear: feature_dim >= 1 and num_classes >= 2, got {feature_dim}, {num_classes}")
@@ -55,8 +64,7 @@ class OnlineLinear(nn.Module):
         with torch.no_grad():  # MAE's probe head init: N(0, 0.01^2) weights, zero bias
             self.linear.weight.copy_(torch.randn(num_classes, feature_dim, generator=generator) * init_std)
             self.linear.bias.zero_()
-        self.optimizer = torch.optim.SGD(self.linear.parameters(), lr=lr, momentum=momentum,
-                                         weight_decay=weight_decay)
+        self.optimizer = torch.optim.SGD(self.linear.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
 
     def forward(self, features: Tensor) -> Tensor:
         """Logits (float32) of detached features."""
@@ -102,11 +110,13 @@ class OnlineLinear(nn.Module):
             if len(y) == 0:
                 raise ValueError("OnlineLinear.evaluate: no labelled row")
             with torch.autocast(device.type, enabled=False):
-                logits = torch.cat([self(x[i:i + 8192]) for i in range(0, len(x), 8192)])
+                logits = torch.cat([self(x[i : i + 8192]) for i in range(0, len(x), 8192)])
             top = logits.topk(min(5, self.num_classes), dim=1).indices
             hits = top == y[:, None]
-            return {"online_top1": 100.0 * hits[:, 0].float().mean().item(),
-                    "online_top5": 100.0 * hits.any(1).float().mean().item()}
+            return {
+                "online_top1": 100.0 * hits[:, 0].float().mean().item(),
+                "online_top5": 100.0 * hits.any(1).float().mean().item(),
+            }
         finally:
             self.train(was_training)
 

@@ -55,13 +55,29 @@ class LARS(torch.optim.Optimizer):
     synchronisation (no `if norm != 0` on device tensors).
     """
 
-    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
-                 trust_coefficient: float = 0.001, eps: float = 1e-8, trust_without_decay: bool = False):
+    def __init__(
+        self,
+        params,
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        trust_coefficient: float = 0.001,
+        eps: float = 1e-8,
+        trust_without_decay: bool = False,
+    ):
         if lr < 0 or momentum < 0 or weight_decay < 0:
             raise ValueError("LARS: lr, momentum and weight_decay must be >= 0")
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                      trust_coefficient=trust_coefficient, eps=eps,
-                                      trust_without_decay=trust_without_decay))
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                momentum=momentum,
+                weight_decay=weight_decay,
+                trust_coefficient=trust_coefficient,
+                eps=eps,
+                trust_without_decay=trust_without_decay,
+            ),
+        )
 
     @torch.no_grad()
     def step(self, closure=None):

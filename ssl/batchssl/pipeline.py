@@ -26,8 +26,16 @@ from batchssl.data import DatasetInfo, EpochShardSampler, TwoViews, epoch_order
 
 
 class DevicePipeline:
-    def __init__(self, cfg: Config, info: DatasetInfo, images: np.ndarray, labels: np.ndarray,
-                 device: torch.device, rank: int = 0, world: int = 1):
+    def __init__(
+        self,
+        cfg: Config,
+        info: DatasetInfo,
+        images: np.ndarray,
+        labels: np.ndarray,
+        device: torch.device,
+        rank: int = 0,
+        world: int = 1,
+    ):
         from batchssl.views import DeviceViews
 
         array = torch.tensor(np.asarray(images))  # a copy: the loaded array may be read-only
@@ -55,15 +63,28 @@ class DevicePipeline:
 
 
 class WorkerPipeline:
-    def __init__(self, cfg: Config, info: DatasetInfo, dataset, device: torch.device, rank: int = 0,
-                 world: int = 1, channels_last: bool = False):
+    def __init__(
+        self,
+        cfg: Config,
+        info: DatasetInfo,
+        dataset,
+        device: torch.device,
+        rank: int = 0,
+        world: int = 1,
+        channels_last: bool = False,
+    ):
         from batchssl.augment import view_transforms
 
         self.sampler = EpochShardSampler(len(dataset), cfg.train.batch_size, cfg.seed, rank, world)
-        self.loader = DataLoader(TwoViews(dataset, view_transforms(cfg, info), cfg.seed), sampler=self.sampler,
-                                 batch_size=cfg.train.batch_size // world, drop_last=True,
-                                 num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
-                                 pin_memory=device.type == "cuda")
+        self.loader = DataLoader(
+            TwoViews(dataset, view_transforms(cfg, info), cfg.seed),
+            sampler=self.sampler,
+            batch_size=cfg.train.batch_size // world,
+            drop_last=True,
+            num_workers=cfg.data.num_workers,
+            persistent_workers=cfg.data.num_workers > 0,
+            pin_memory=device.type == "cuda",
+        )
         self.device, self.channels_last = device, channels_last
         # Only STL-10's pretraining split mixes unlabelled images (label -1) in; ImageFolder is all labelled.
         self.has_labels, self.has_unlabelled = info.num_classes >= 2, cfg.data.name == "stl10"
@@ -77,5 +98,7 @@ class WorkerPipeline:
         self.sampler.set_epoch(epoch, start)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         for views, labels in self.loader:
-            yield ([v.to(self.device, non_blocking=True).contiguous(memory_format=fmt) for v in views],
-                   torch.as_tensor(labels).to(self.device, non_blocking=True))
+            yield (
+                [v.to(self.device, non_blocking=True).contiguous(memory_format=fmt) for v in views],
+                torch.as_tensor(labels).to(self.device, non_blocking=True),
+            )

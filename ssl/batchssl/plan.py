@@ -58,18 +58,30 @@ def plan(cfg: Config, timed_steps: int = 3) -> list[tuple[str, str]]:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         memory = f"{peak / 2**20:.2f} GiB peak RSS of this process ({(peak - rss_before) / 2**20:.2f} GiB in training)"
     rows = [
-        ("device", f"{accelerator.device} x {world} process(es), {torch.get_num_threads()} CPU threads each, "
-                   f"precision {precision}, pipeline {type(pipeline).__name__}"),
+        (
+            "device",
+            f"{accelerator.device} x {world} process(es), {torch.get_num_threads()} CPU threads each, "
+            f"precision {precision}, pipeline {type(pipeline).__name__}",
+        ),
         ("batch", f"{cfg.train.batch_size} global, {cfg.train.batch_size // world} per process"),
-        ("learning rate", f"peak {schedule.peak:g} (base {cfg.optim.base_lr:g} x {cfg.train.batch_size} / 256), "
-                          f"{cfg.optim.name}, warmup {warmup} steps then "
-                          f"{_decay(schedule.peak, cfg.optim.final_lr_ratio)}"
-                          + (f"; MoCo momentum {_momentum(cfg.method)}" if cfg.method.name == "mocov3" else "")),
+        (
+            "learning rate",
+            f"peak {schedule.peak:g} (base {cfg.optim.base_lr:g} x {cfg.train.batch_size} / 256), "
+            f"{cfg.optim.name}, warmup {warmup} steps then "
+            f"{_decay(schedule.peak, cfg.optim.final_lr_ratio)}"
+            + (f"; MoCo momentum {_momentum(cfg.method)}" if cfg.method.name == "mocov3" else ""),
+        ),
         ("steps", f"{spe} per epoch x {cfg.train.epochs} epochs = {total}"),
-        ("parameters", ", ".join(f"{k} {v / 1e6:.3f} M" for k, v in parts.items())
-         + (f", momentum encoder {momentum / 1e6:.3f} M (not trained)" if momentum else "")),
-        ("estimate", f"{step_s:.3f} s / step -> {step_s * spe / 60:.1f} min / epoch, "
-                     f"{step_s * total / 60:.1f} min in all (training only, from {len(seconds)} timed steps)"),
+        (
+            "parameters",
+            ", ".join(f"{k} {v / 1e6:.3f} M" for k, v in parts.items())
+            + (f", momentum encoder {momentum / 1e6:.3f} M (not trained)" if momentum else ""),
+        ),
+        (
+            "estimate",
+            f"{step_s:.3f} s / step -> {step_s * spe / 60:.1f} min / epoch, "
+            f"{step_s * total / 60:.1f} min in all (training only, from {len(seconds)} timed steps)",
+        ),
         ("memory", memory),
     ]
     accelerator.end_training()
@@ -90,7 +102,9 @@ def print_plan(cfg: Config) -> None:
     rows = plan(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         width = max(len(label) for label, _ in rows)
-        print(f"plan for {cfg.output_dir}: {cfg.method.name}{' + BatchFormer' if cfg.batchformer.enabled else ''} "
-              f"on {cfg.data.name}, {cfg.model.arch} width {cfg.model.width}")
+        print(
+            f"plan for {cfg.output_dir}: {cfg.method.name}{' + BatchFormer' if cfg.batchformer.enabled else ''} "
+            f"on {cfg.data.name}, {cfg.model.arch} width {cfg.model.width}"
+        )
         for label, value in rows:
             print(f"  {label:<{width}}  {value}")

@@ -32,8 +32,18 @@ DPI = 100
 EMBEDDING_INCHES = (7.0, 6.0)
 
 CLASS_NAMES = {
-    "fashion_mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                      "Ankle boot"],
+    "fashion_mnist": [
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ],
     "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
     "stl10": ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"],
 }
@@ -100,8 +110,10 @@ def read_results(path: Path) -> dict:
     except ValueError:
         document = None
     if not (isinstance(document, dict) and isinstance(document.get("entries"), dict)):
-        raise UserError(f"{path} is not an evaluator's results file (no \"entries\"): was it written by another "
-                        "version? Rerun the evaluator after moving it away")
+        raise UserError(
+            f'{path} is not an evaluator\'s results file (no "entries"): was it written by another '
+            "version? Rerun the evaluator after moving it away"
+        )
     return document
 
 
@@ -120,8 +132,12 @@ def _knn_rows(entries: list[tuple[str, dict]]) -> list[tuple[str, str]]:
     for key, record in entries:
         tag = f"  [{key}]" if len(entries) > 1 else ""  # which settings, when several
         for k, v in record.get("results", {}).items():
-            out.append((f"kNN eval (k={k}, T={record.get('temperature', '?')})",
-                        f"top-1 {_fmt(v.get('top1'))}, top-5 {_fmt(v.get('top5'))}{tag}"))
+            out.append(
+                (
+                    f"kNN eval (k={k}, T={record.get('temperature', '?')})",
+                    f"top-1 {_fmt(v.get('top1'))}, top-5 {_fmt(v.get('top5'))}{tag}",
+                )
+            )
     return out
 
 
@@ -134,8 +150,12 @@ def _probe_rows(entries: list[tuple[str, dict]]) -> list[tuple[str, str]]:
             extra.append(f"lr {record['lr']:g}")
         if isinstance(record.get("seconds"), (int, float)):
             extra.append(f"{record['seconds']:.0f} s")
-        out.append((f"linear probe ({record.get('mode', '?')})",
-                    f"top-1 {_fmt(record.get('top1'))}" + (f" ({', '.join(extra)})" if extra else "") + tag))
+        out.append(
+            (
+                f"linear probe ({record.get('mode', '?')})",
+                f"top-1 {_fmt(record.get('top1'))}" + (f" ({', '.join(extra)})" if extra else "") + tag,
+            )
+        )
     return out
 
 
@@ -245,20 +265,25 @@ def plot_curves(run: Path, out: Path | None = None) -> Path | None:
 
     loss_keys = [k for k in ("loss", "loss_main", "loss_bf") if k in has]
     if loss_keys:
+
         def draw_loss(ax):
             for key in loss_keys:
                 _line(ax, *series(metrics, key), label=key)
             ax.legend(fontsize=8)
+
         panels.append(("training loss", "loss", draw_loss))
     if "lr" in has:
         panels.append(("learning rate", "lr", lambda ax: _line(ax, *series(metrics, "lr"))))
-    accuracy = [(k, name) for k, name in (("knn_top1", "kNN top-1"), ("online_top1", "online linear top-1"))
-                if k in has]
+    accuracy = [
+        (k, name) for k, name in (("knn_top1", "kNN top-1"), ("online_top1", "online linear top-1")) if k in has
+    ]
     if accuracy:
+
         def draw_accuracy(ax):
             for key, name in accuracy:
                 _line(ax, *series(metrics, key), label=name, marker="o")
             ax.legend(fontsize=8)
+
         panels.append(("validation top-1", "top-1 (%)", draw_accuracy))
     if "z_std" in has:
         d, fraction = proj_dim(run), collapse_fraction(run)
@@ -266,13 +291,18 @@ def plot_curves(run: Path, out: Path | None = None) -> Path | None:
         def draw_z(ax):
             _line(ax, *series(metrics, "z_std"), label="z-std")
             if d:
-                ax.axhline(1 / math.sqrt(d), color="green", linestyle="--", linewidth=1,
-                           label=f"healthy 1/sqrt({d})")
+                ax.axhline(1 / math.sqrt(d), color="green", linestyle="--", linewidth=1, label=f"healthy 1/sqrt({d})")
             if d and fraction:
-                ax.axhline(fraction / math.sqrt(d), color="red", linestyle=":", linewidth=1,
-                           label=f"collapse alarm {fraction:g}/sqrt({d})")
+                ax.axhline(
+                    fraction / math.sqrt(d),
+                    color="red",
+                    linestyle=":",
+                    linewidth=1,
+                    label=f"collapse alarm {fraction:g}/sqrt({d})",
+                )
             ax.set_ylim(bottom=0)
             ax.legend(fontsize=8)
+
         panels.append(("std of l2-normalised z", "z-std", draw_z))
     if "images_per_s" in has:
         panels.append(("throughput", "images / s", lambda ax: _line(ax, *series(metrics, "images_per_s"))))
@@ -308,10 +338,16 @@ def plot_compare(runs: list[Path], out: Path) -> Path:
             raise UserError(f"{run} has no metrics.jsonl: is it a BatchSSL run directory?")
     metrics = [read_metrics(r) for r in runs]
     labels = _run_labels(runs)
-    panels = [(key, title, ylabel) for key, title, ylabel in (
-        ("loss", "training loss", "loss"), ("knn_top1", "kNN top-1", "top-1 (%)"),
-        ("online_top1", "online linear top-1", "top-1 (%)"), ("z_std", "std of l2-normalised z", "z-std"))
-        if any(key in m for ms in metrics for m in ms)]
+    panels = [
+        (key, title, ylabel)
+        for key, title, ylabel in (
+            ("loss", "training loss", "loss"),
+            ("knn_top1", "kNN top-1", "top-1 (%)"),
+            ("online_top1", "online linear top-1", "top-1 (%)"),
+            ("z_std", "std of l2-normalised z", "z-std"),
+        )
+        if any(key in m for ms in metrics for m in ms)
+    ]
     if not panels:
         raise UserError("none of the runs logged loss, knn_top1, online_top1 or z_std")
     fig, axes = _figure(len(panels))
@@ -341,8 +377,15 @@ def plot_compare(runs: list[Path], out: Path) -> Path:
 # scipy. For 2,000 points t-SNE takes seconds on two cores, and its map is the one SSL papers show.
 
 
-def embedding_png(features, labels, out: Path, class_names: list[str] | None = None, title: str | None = None,
-                  seed: int = 0, threads: int | None = None) -> Path:
+def embedding_png(
+    features,
+    labels,
+    out: Path,
+    class_names: list[str] | None = None,
+    title: str | None = None,
+    seed: int = 0,
+    threads: int | None = None,
+) -> Path:
     """A 2-D t-SNE map of (N, D) features coloured by their (N,) labels, written to `out`.
 
     Features are l2-normalised first (the kNN monitor's cosine geometry) and reduced to 50 dimensions by PCA
@@ -389,8 +432,14 @@ def embedding_png(features, labels, out: Path, class_names: list[str] | None = N
     return _save(fig, out)
 
 
-def plot_embedding(run: Path, samples: int = 2000, out: Path | None = None, overrides: list[str] | None = None,
-                   seed: int = 0, threads: int | None = None) -> Path:
+def plot_embedding(
+    run: Path,
+    samples: int = 2000,
+    out: Path | None = None,
+    overrides: list[str] | None = None,
+    seed: int = 0,
+    threads: int | None = None,
+) -> Path:
     """RUN/embedding.png: the t-SNE map of the frozen backbone's features of the first `samples` validation
     images (the evaluation transform, the run's precision)."""
     from torch.utils.data import Subset
@@ -404,9 +453,15 @@ def plot_embedding(run: Path, samples: int = 2000, out: Path | None = None, over
     n = min(samples, len(val))
     features, labels = extract_features(frozen.backbone, Subset(val, range(n)), batch_size=512, dtype=frozen.dtype)
     dataset = frozen.cfg.data.name
-    return embedding_png(features, labels, out or run / EMBEDDING_FILE, class_names=CLASS_NAMES.get(dataset),
-                         title=f"{run.name}: t-SNE of {n} {dataset} validation features", seed=seed,
-                         threads=threads)
+    return embedding_png(
+        features,
+        labels,
+        out or run / EMBEDDING_FILE,
+        class_names=CLASS_NAMES.get(dataset),
+        title=f"{run.name}: t-SNE of {n} {dataset} validation features",
+        seed=seed,
+        threads=threads,
+    )
 
 
 # --------------------------------------------------------------------------------------------------- command line
@@ -416,15 +471,27 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m batchssl.report",
         description="The table of a run's results and its pictures (curves.png; embedding.png with --embedding), "
-                    "or several runs overlaid (--compare).")
+        "or several runs overlaid (--compare).",
+    )
     parser.add_argument("run", nargs="?", help="run directory of pretrain.py")
-    parser.add_argument("--embedding", action="store_true",
-                        help="also draw RUN/embedding.png, a t-SNE map of validation features (needs scikit-learn)")
+    parser.add_argument(
+        "--embedding",
+        action="store_true",
+        help="also draw RUN/embedding.png, a t-SNE map of validation features (needs scikit-learn)",
+    )
     parser.add_argument("--samples", type=int, default=2000, help="--embedding: validation images (default 2000)")
-    parser.add_argument("--threads", type=int, help="--embedding: t-SNE threads (default: all cores; 1 is "
-                        "faster while other processes hold the cores)")
-    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                        help="--embedding: config override for loading the data, e.g. data.root=/datasets")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="--embedding: t-SNE threads (default: all cores; 1 is faster while other processes hold the cores)",
+    )
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="--embedding: config override for loading the data, e.g. data.root=/datasets",
+    )
     parser.add_argument("--compare", nargs="+", metavar="RUN", help="overlay these runs in one figure")
     parser.add_argument("--out", help="--compare: the figure's path (default compare.png)")
     parser.add_argument("--no-curves", action="store_true", help="only the table")

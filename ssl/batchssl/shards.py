@@ -83,7 +83,7 @@ def convert(folder: str | Path, out: str | Path, shard_size: int, seed: int = 0)
             random.Random(seed).shuffle(samples)
         shards = []
         for start in range(0, len(samples), shard_size):
-            chunk = samples[start:start + shard_size]
+            chunk = samples[start : start + shard_size]
             name = _shard_name(split, len(shards))
 
             def write(path: Path, chunk=chunk, start=start) -> None:
@@ -107,9 +107,11 @@ def convert(folder: str | Path, out: str | Path, shard_size: int, seed: int = 0)
 def read_index(root: str | Path) -> dict:
     path = Path(root) / INDEX
     if not path.is_file():
-        raise UserError(f"data.root={root} has no {INDEX}: convert an ImageFolder first with `python -m "
-                        f"batchssl.shards IMAGEFOLDER {root} --shard-size 1000` (a directory without it is an "
-                        "unfinished conversion)")
+        raise UserError(
+            f"data.root={root} has no {INDEX}: convert an ImageFolder first with `python -m "
+            f"batchssl.shards IMAGEFOLDER {root} --shard-size 1000` (a directory without it is an "
+            "unfinished conversion)"
+        )
     try:
         index = json.loads(path.read_text())
         assert index["format"] == FORMAT and isinstance(index["splits"]["train"], list)
@@ -123,8 +125,10 @@ def split_shards(root: str | Path, split: str) -> list[dict]:
     index = read_index(root)
     shards = index["splits"].get(split) or []
     if split == "val" and not shards:
-        raise UserError(f"shard directory {root} has no labelled validation shards (val-*.tar): convert an "
-                        "ImageFolder with a val/<class>/ folder, or hold out training images with data.holdout=N")
+        raise UserError(
+            f"shard directory {root} has no labelled validation shards (val-*.tar): convert an "
+            "ImageFolder with a val/<class>/ folder, or hold out training images with data.holdout=N"
+        )
     if not shards:
         raise UserError(f"shard directory {root} has no {split} shards")
     return shards
@@ -160,8 +164,9 @@ class ShardImages:
                 image = [(ext, v) for ext, v in parts.items() if ext != "cls"]
                 label = self._label(name, key, parts.get("cls"))
                 if len(image) != 1:
-                    raise UserError(f"shard {self.root / name}, key {key}: expected one image and a .cls, found "
-                                    f"{sorted(parts)}")
+                    raise UserError(
+                        f"shard {self.root / name}, key {key}: expected one image and a .cls, found {sorted(parts)}"
+                    )
                 rows.append((s, image[0][1][0], image[0][1][1], label))
                 self.names.append(f"{self.root / name} key {key}.{image[0][0]}")
         self.rows = np.asarray(rows, dtype=np.int64).reshape(-1, 4)
@@ -211,21 +216,26 @@ class ShardStream:
     """Pretraining from shards: this process's shards of each epoch, read sequentially through a seeded shuffle
     buffer, cut into this process's share of every step's global batch. See the module docstring."""
 
-    def __init__(self, root: str | Path, seed: int, global_batch: int, rank: int = 0, world: int = 1,
-                 buffer: int = 1000):
+    def __init__(
+        self, root: str | Path, seed: int, global_batch: int, rank: int = 0, world: int = 1, buffer: int = 1000
+    ):
         self.root, self.seed, self.rank, self.world, self.buffer = Path(root), seed, rank, world, buffer
         shards = split_shards(root, "train")
         self.shards = [s["name"] for s in shards]
         counts = sorted(s["count"] for s in shards)
         self.per_process = len(shards) // world
         if self.per_process == 0:
-            raise UserError(f"shard directory {root} has {len(shards)} training shards for {world} processes: "
-                            "every process needs one; convert again with a smaller --shard-size")
+            raise UserError(
+                f"shard directory {root} has {len(shards)} training shards for {world} processes: "
+                "every process needs one; convert again with a smaller --shard-size"
+            )
         self.local_batch = global_batch // world
         self.steps_per_epoch = sum(counts[: self.per_process]) // self.local_batch  # the least any process gets
         if self.steps_per_epoch == 0:
-            raise UserError(f"shard directory {root}: {sum(counts[: self.per_process])} images per process, fewer "
-                            f"than its share of train.batch_size ({self.local_batch})")
+            raise UserError(
+                f"shard directory {root}: {sum(counts[: self.per_process])} images per process, fewer "
+                f"than its share of train.batch_size ({self.local_batch})"
+            )
 
     def epoch_shards(self, epoch: int) -> list[str]:
         """This process's shards in epoch `epoch`, in reading order."""
@@ -298,8 +308,10 @@ class ShardStream:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m batchssl.shards", description="Convert an ImageFolder "
-                                     "(train/<class>/*, val/<class>/*) into WebDataset-format tar shards.")
+    parser = argparse.ArgumentParser(
+        prog="python -m batchssl.shards",
+        description="Convert an ImageFolder (train/<class>/*, val/<class>/*) into WebDataset-format tar shards.",
+    )
     parser.add_argument("folder")
     parser.add_argument("out")
     parser.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
@@ -307,8 +319,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with exit_on_user_error("batchssl.shards"):
         index = convert(args.folder, args.out, args.shard_size, args.seed)
-    written = [f"{len(shards)} {split} shards ({sum(s['count'] for s in shards)} images)"
-               for split, shards in index["splits"].items()]
+    written = [
+        f"{len(shards)} {split} shards ({sum(s['count'] for s in shards)} images)"
+        for split, shards in index["splits"].items()
+    ]
     print(f"wrote {', '.join(written)} to {args.out}")
 
 

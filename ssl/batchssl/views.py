@@ -178,21 +178,24 @@ def view_specs(cfg: Config, info: DatasetInfo) -> list[ViewSpec]:
     )
     size = info.image_size
     if preset == "simsiam":
-        view = ViewSpec(size=size, scale=(aug.min_scale or 0.2, 1.0), blur=0.5 if blur else 0.0, solarize=0.0,
-                        **common)
+        view = ViewSpec(size=size, scale=(aug.min_scale or 0.2, 1.0), blur=0.5 if blur else 0.0, solarize=0.0, **common)
         views = [view, view]
     else:
         scale = (aug.min_scale or 0.08, 1.0)
         views = [
             ViewSpec(size=size, scale=scale, blur=1.0 if blur else 0.0, solarize=0.0, **common),
-            ViewSpec(size=size, scale=scale, blur=0.1 if blur else 0.0, solarize=0.2 if aug.solarize else 0.0,
-                     **common),
+            ViewSpec(
+                size=size, scale=scale, blur=0.1 if blur else 0.0, solarize=0.2 if aug.solarize else 0.0, **common
+            ),
         ]
-    local = ViewSpec(size=local_size(cfg, info), scale=tuple(aug.local_scale), blur=0.5 if blur else 0.0,
-                     solarize=0.0, **common)
+    local = ViewSpec(
+        size=local_size(cfg, info), scale=tuple(aug.local_scale), blur=0.5 if blur else 0.0, solarize=0.0, **common
+    )
     if aug.local_crops and local.size != size and cfg.model.arch.startswith("vit"):
-        raise UserError(f"augment.local_crops: the built-in {cfg.model.arch} takes only {size} px inputs, the local "
-                        f"crops are {local.size} px; set augment.local_size={size} or use a ResNet")
+        raise UserError(
+            f"augment.local_crops: the built-in {cfg.model.arch} takes only {size} px inputs, the local "
+            f"crops are {local.size} px; set augment.local_size={size} or use a ResNet"
+        )
     return views + [local] * aug.local_crops
 
 
@@ -224,8 +227,16 @@ class ViewParams:
     solarize: torch.Tensor  # bool
 
 
-def crop_boxes(u_area: torch.Tensor, u_logr: torch.Tensor, u_top: torch.Tensor, u_left: torch.Tensor,
-               height: Size, width: Size, scale: Sequence[float], ratio: Sequence[float] = RATIO):
+def crop_boxes(
+    u_area: torch.Tensor,
+    u_logr: torch.Tensor,
+    u_top: torch.Tensor,
+    u_left: torch.Tensor,
+    height: Size,
+    width: Size,
+    scale: Sequence[float],
+    ratio: Sequence[float] = RATIO,
+):
     """RandomResizedCrop.get_params vectorised over samples, from uniforms in [0, 1).
 
     u_area, u_logr: (B, attempts); u_top, u_left: (B,). height, width: the input images' size, an int or a (B,)
@@ -266,15 +277,20 @@ def crop_boxes(u_area: torch.Tensor, u_logr: torch.Tensor, u_top: torch.Tensor, 
 
 def view_params(u: torch.Tensor, spec: ViewSpec, height: Size, width: Size) -> ViewParams:
     """One view's parameters from its uniforms u (B, DRAWS_PER_VIEW) for images of the given size(s)."""
-    top, left, h, w, fallback = crop_boxes(u[:, _AREA], u[:, _LOGR], u[:, _TOP], u[:, _LEFT], height, width,
-                                           spec.scale, spec.ratio)
+    top, left, h, w, fallback = crop_boxes(
+        u[:, _AREA], u[:, _LOGR], u[:, _TOP], u[:, _LEFT], height, width, spec.scale, spec.ratio
+    )
     identity = (1.0, 1.0, 1.0, 0.0)
     lo = torch.tensor([r[0] if r else i for r, i in zip(spec.jitter_ranges, identity)], dtype=torch.float64)
     hi = torch.tensor([r[1] if r else i for r, i in zip(spec.jitter_ranges, identity)], dtype=torch.float64)
     factors = (lo + (hi - lo) * u[:, _FACTORS]).float()
     sigma = spec.sigmas[0] + (spec.sigmas[1] - spec.sigmas[0]) * u[:, _SIGMA]
     return ViewParams(
-        top=top, left=left, height=h, width=w, fallback=fallback,
+        top=top,
+        left=left,
+        height=h,
+        width=w,
+        fallback=fallback,
         flip=u[:, _FLIP] < spec.hflip,
         jitter=u[:, _CJ] < spec.jitter,
         order=u[:, _ORDER].argsort(dim=1),  # argsort of iid uniforms: a uniformly random permutation
@@ -304,8 +320,16 @@ def _positions(positions, global_batch: int) -> torch.Tensor:
     return positions
 
 
-def step_params(specs: Sequence[ViewSpec], seed: int, epoch: int, step: int, global_batch: int,
-                positions: int | Sequence[int] | torch.Tensor, heights: Size, widths: Size) -> list[ViewParams]:
+def step_params(
+    specs: Sequence[ViewSpec],
+    seed: int,
+    epoch: int,
+    step: int,
+    global_batch: int,
+    positions: int | Sequence[int] | torch.Tensor,
+    heights: Size,
+    widths: Size,
+) -> list[ViewParams]:
     """Every view's parameters for some positions of a step's global batch (an int: one position).
 
     heights, widths: the input images' size, one for all or one per position. The same numbers as DeviceViews
@@ -370,8 +394,9 @@ def adjust_hue(x: torch.Tensor, f: torch.Tensor, inplace: bool = False) -> torch
     minc, maxc = torch.aminmax(x, dim=1)
     chroma = maxc - minc
     max_is_r, max_is_g = maxc == r, maxc == g
-    num = torch.where(max_is_r, g - b,
-                      torch.where(max_is_g, (b - r).add_(chroma, alpha=2), (r - g).add_(chroma, alpha=4)))
+    num = torch.where(
+        max_is_r, g - b, torch.where(max_is_g, (b - r).add_(chroma, alpha=2), (r - g).add_(chroma, alpha=4))
+    )
     h6 = num.div_(torch.where(chroma == 0, 1.0, chroma)).add_(6.0 * f.view(-1, 1, 1)).remainder_(6.0)
     out = x if inplace else torch.empty_like(x)
     for n, (sign, center, shift) in enumerate(((1.0, 3.0, -1.0), (-1.0, 2.0, 2.0), (-1.0, 4.0, 2.0))):
@@ -408,8 +433,15 @@ def solarize(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(_per_sample(mask) & (x >= SOLARIZE_THRESHOLD), 1.0 - x, x)
 
 
-def resized_crop(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor, height: torch.Tensor,
-                 width: torch.Tensor, flip: torch.Tensor, size: int) -> torch.Tensor:
+def resized_crop(
+    x: torch.Tensor,
+    top: torch.Tensor,
+    left: torch.Tensor,
+    height: torch.Tensor,
+    width: torch.Tensor,
+    flip: torch.Tensor,
+    size: int,
+) -> torch.Tensor:
     """Per-sample crop box resized to size x size (bilinear, half-pixel centres, no antialias), then flipped.
 
     Equals torchvision's resized_crop(..., antialias=False) (+ hflip) up to float rounding: each output pixel's
@@ -476,9 +508,15 @@ class DeviceViews:
     trainer's (trainer_memory_format).
     """
 
-    def __init__(self, cfg: Config, info: DatasetInfo, global_batch: int | None = None,
-                 random_jitter_order: bool = True, specs: Sequence[ViewSpec] | None = None,
-                 memory_format: torch.memory_format | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        info: DatasetInfo,
+        global_batch: int | None = None,
+        random_jitter_order: bool = True,
+        specs: Sequence[ViewSpec] | None = None,
+        memory_format: torch.memory_format | None = None,
+    ):
         self.info = info
         self.specs = list(specs) if specs is not None else view_specs(cfg, info)
         self.global_batch = global_batch or cfg.train.batch_size
@@ -494,8 +532,16 @@ class DeviceViews:
         """(global_batch, views, DRAWS_PER_VIEW) float64 uniforms of a step, from its own generator."""
         return step_draws(seed, epoch, step, global_batch, len(self.specs))
 
-    def params(self, seed: int, epoch: int, step: int, height: Size, width: Size,
-               positions: torch.Tensor | None = None, global_batch: int | None = None) -> list[ViewParams]:
+    def params(
+        self,
+        seed: int,
+        epoch: int,
+        step: int,
+        height: Size,
+        width: Size,
+        positions: torch.Tensor | None = None,
+        global_batch: int | None = None,
+    ) -> list[ViewParams]:
         """Every view's parameters for the rows `positions` of the global batch (all rows when None), for input
         images of size height x width (ints, or one per row)."""
         if positions is None:
@@ -510,8 +556,15 @@ class DeviceViews:
 
     # ------------------------------------------------------------------ the calls
 
-    def __call__(self, images: torch.Tensor, seed: int, epoch: int, step: int,
-                 positions: torch.Tensor | None = None, global_batch: int | None = None) -> list[torch.Tensor]:
+    def __call__(
+        self,
+        images: torch.Tensor,
+        seed: int,
+        epoch: int,
+        step: int,
+        positions: torch.Tensor | None = None,
+        global_batch: int | None = None,
+    ) -> list[torch.Tensor]:
         """Every view of `images` (uint8 (B, C, H, W), or float in [0, 1]) on their device.
 
         positions: this process's positions in the global batch (B of them; a CPU LongTensor avoids a device
@@ -558,19 +611,41 @@ class DeviceViews:
         plans = [self._plan(p, packer, v) for v, p in enumerate(params)]
         buffer = packer.to(device)
         if device not in self._stats:
-            self._stats[device] = tuple(torch.tensor(v, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-                                        for v in (self.info.mean, self.info.std))
+            self._stats[device] = tuple(
+                torch.tensor(v, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+                for v in (self.info.mean, self.info.std)
+            )
         mean, std = self._stats[device]
-        return [self._render_view(inp, buffer, plan, mean, std, v, cropped)
-                for v, (inp, plan) in enumerate(zip(inputs, plans))]
+        return [
+            self._render_view(inp, buffer, plan, mean, std, v, cropped)
+            for v, (inp, plan) in enumerate(zip(inputs, plans))
+        ]
 
     def _plan(self, p: ViewParams, packer: _Packer, view: int) -> dict:
         """Host-side plan of one view: which rows each op touches, in which order; tensors go to the packer."""
         n = len(p.flip)
-        table = torch.stack([p.top.float(), p.left.float(), p.height.float(), p.width.float(), p.flip.float(),
-                             p.gray.float(), p.solarize.float(), p.sigma.float()], dim=1)
-        plan = {"n": n, "table": packer.add(table), "factors": packer.add(p.factors), "slots": [],
-                "gray": bool(p.gray.any()), "solarize": bool(p.solarize.any()), "flip": bool(p.flip.any())}
+        table = torch.stack(
+            [
+                p.top.float(),
+                p.left.float(),
+                p.height.float(),
+                p.width.float(),
+                p.flip.float(),
+                p.gray.float(),
+                p.solarize.float(),
+                p.sigma.float(),
+            ],
+            dim=1,
+        )
+        plan = {
+            "n": n,
+            "table": packer.add(table),
+            "factors": packer.add(p.factors),
+            "slots": [],
+            "gray": bool(p.gray.any()),
+            "solarize": bool(p.solarize.any()),
+            "flip": bool(p.flip.any()),
+        }
         # Colour jitter: the jittered rows, re-ordered at each slot so that the rows doing op k are contiguous.
         active = self.active_ops[view]
         rows = torch.nonzero(p.jitter).view(-1)
@@ -603,7 +678,7 @@ class DeviceViews:
     def _render_view(self, x, buffer, plan, mean, std, view: int, cropped: bool):
         def get(key, shape=(-1,)):
             start, count = key
-            return buffer[start:start + count].view(*shape)
+            return buffer[start : start + count].view(*shape)
 
         def index(key):
             return get(key).long()
@@ -628,15 +703,16 @@ class DeviceViews:
                 start = 0
                 for op, count in enumerate(counts):
                     if count:
-                        JITTER_FNS[op](sub[start:start + count], f[start:start + count, op], inplace=True)
+                        JITTER_FNS[op](sub[start : start + count], f[start : start + count, op], inplace=True)
                     start += count
             y.index_copy_(0, index(plan["scatter"]), sub)
         if plan["gray"]:
             y = torch.where(_per_sample(gray > 0.5), rgb_to_grayscale(y).expand_as(y), y)
         if plan["blur"] is not None:
             rows = index(plan["blur"])
-            y.index_copy_(0, rows, gaussian_blur(y.index_select(0, rows), sigma.index_select(0, rows),
-                                                 self.kernel_sizes[view]))
+            y.index_copy_(
+                0, rows, gaussian_blur(y.index_select(0, rows), sigma.index_select(0, rows), self.kernel_sizes[view])
+            )
         if plan["solarize"]:
             y = solarize(y, solar > 0.5)
         y = y.sub_(mean).div_(std)

@@ -26,8 +26,14 @@ REPO = Path(__file__).resolve().parents[2]
 
 # A Fashion-MNIST run small enough for tests: 256 images (4 steps of 64), a 200-image validation split, one epoch.
 # Everything else, loader workers included, is the recipe's own setting.
-TINY = ["data.limit=256", "data.val_limit=200", "train.epochs=1", "train.batch_size=64",
-        "train.log_every_n_steps=1", "monitor.batch_size=256"]
+TINY = [
+    "data.limit=256",
+    "data.val_limit=200",
+    "train.epochs=1",
+    "train.batch_size=64",
+    "train.log_every_n_steps=1",
+    "monitor.batch_size=256",
+]
 
 LAUNCHERS = ("python", "torchrun", "accelerate")
 
@@ -38,8 +44,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_entry(*argv: str | Path, launcher: str = "python", timeout: float = 600, check: bool = True,
-              env: dict[str, str | None] | None = None) -> subprocess.CompletedProcess:
+def run_entry(
+    *argv: str | Path,
+    launcher: str = "python",
+    timeout: float = 600,
+    check: bool = True,
+    env: dict[str, str | None] | None = None,
+) -> subprocess.CompletedProcess:
     """Run an entry point from the repository root and capture its output (text).
 
     argv: a script and its arguments ("pretrain.py", "--plan", ...) or a module ("-m", "knn_eval", "--run", ...).
@@ -52,8 +63,18 @@ def run_entry(*argv: str | Path, launcher: str = "python", timeout: float = 600,
     if launcher == "python":
         cmd = [sys.executable, *argv]
     elif launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), *argv]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            *argv,
+        ]
         env = {"OMP_NUM_THREADS": "1", **(env or {})}
     elif launcher == "accelerate":
         cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", *argv]
@@ -67,16 +88,17 @@ def run_entry(*argv: str | Path, launcher: str = "python", timeout: float = 600,
             environment[key] = value
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=environment)
     if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(argv)} ({launcher}) exited with {result.returncode}:\n"
-                             f"{result.stderr[-4000:]}")
+        raise AssertionError(f"{' '.join(argv)} ({launcher}) exited with {result.returncode}:\n{result.stderr[-4000:]}")
     return result
 
 
-def run_pretrain(args, nproc: int = 1, timeout: float = 600, check: bool = True,
-                 env: dict[str, str | None] | None = None) -> subprocess.CompletedProcess:
+def run_pretrain(
+    args, nproc: int = 1, timeout: float = 600, check: bool = True, env: dict[str, str | None] | None = None
+) -> subprocess.CompletedProcess:
     """`run_entry("pretrain.py", *args)`: one process, or two under torchrun (nproc=2)."""
-    return run_entry("pretrain.py", *args, launcher="torchrun" if nproc == 2 else "python", timeout=timeout,
-                     check=check, env=env)
+    return run_entry(
+        "pretrain.py", *args, launcher="torchrun" if nproc == 2 else "python", timeout=timeout, check=check, env=env
+    )
 
 
 @contextmanager

@@ -19,8 +19,9 @@ def build(method_name: str, batchformer: str) -> tuple[torch.nn.Module, list[tor
     """The seeded float64 model in train mode, and the two views of its 16-image batch."""
     torch.manual_seed(0)
     backbone, dim = build_backbone(ModelConfig(arch="resnet18", width=0.125), in_channels=1, image_size=16)
-    cfg = MethodConfig(name=method_name, proj_hidden_dim=32, proj_dim=16, proj_layers=2, pred_hidden_dim=8,
-                       temperature=0.2)
+    cfg = MethodConfig(
+        name=method_name, proj_hidden_dim=32, proj_dim=16, proj_layers=2, pred_hidden_dim=8, temperature=0.2
+    )
     bf = BatchFormerConfig(enabled=batchformer == "gather", gather=True, dropout=0.0)
     method = METHODS[method_name](backbone, dim, cfg, bf).double().train()
     views = [torch.randn(16, 1, 16, 16, dtype=torch.float64) for _ in range(2)]

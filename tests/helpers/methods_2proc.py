@@ -52,10 +52,19 @@ def method_case(name: str):
     """A tiny float64 method with BatchFormer over the global batch (dropout 0) and its global batch of views."""
     torch.manual_seed(0)
     # no bias before the batch norm: its gradient would be 0 up to rounding
-    backbone = nn.Sequential(nn.Conv2d(1, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                             nn.Flatten())
-    cfg = MethodConfig(name=name, proj_hidden_dim=16, proj_dim=16, proj_layers=2, pred_hidden_dim=8,
-                       dino_bottleneck_dim=8, temperature=0.2, dino_head_bn=True)
+    backbone = nn.Sequential(
+        nn.Conv2d(1, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+    )
+    cfg = MethodConfig(
+        name=name,
+        proj_hidden_dim=16,
+        proj_dim=16,
+        proj_layers=2,
+        pred_hidden_dim=8,
+        dino_bottleneck_dim=8,
+        temperature=0.2,
+        dino_head_bn=True,
+    )
     extra = {"epochs": 1} if name == "dino" else {}
     method = METHODS[name](backbone, 8, cfg, BatchFormerConfig(enabled=True, gather=True, dropout=0.0), **extra)
     views = [torch.randn(N, 1, 8, 8, dtype=torch.float64) for _ in range(2)]

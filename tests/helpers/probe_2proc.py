@@ -37,8 +37,9 @@ def make_images(n: int, seed: int) -> TensorDataset:
 
 def build() -> tuple[nn.Module, TensorDataset, TensorDataset]:
     torch.manual_seed(0)
-    backbone = nn.Sequential(nn.Conv2d(3, FEATURE_DIM, 3, padding=1), nn.BatchNorm2d(FEATURE_DIM), nn.ReLU(),
-                             nn.AdaptiveAvgPool2d(1))
+    backbone = nn.Sequential(
+        nn.Conv2d(3, FEATURE_DIM, 3, padding=1), nn.BatchNorm2d(FEATURE_DIM), nn.ReLU(), nn.AdaptiveAvgPool2d(1)
+    )
     return backbone, make_images(64, seed=1), make_images(32, seed=2)
 
 
@@ -50,8 +51,15 @@ if __name__ == "__main__":
     accelerator = Accelerator(cpu=True)
     backbone, train_set, test_set = build()
     out = Path(sys.argv[1])
-    result = train_augmented_probe(backbone, train_set, test_set, accelerator=accelerator,
-                                   checkpoint_dir=out / "ckpt", settings=settings(), **PROBE)
+    result = train_augmented_probe(
+        backbone,
+        train_set,
+        test_set,
+        accelerator=accelerator,
+        checkpoint_dir=out / "ckpt",
+        settings=settings(),
+        **PROBE,
+    )
     if accelerator.is_main_process:
         torch.save(result, out / "result.pt")
     accelerator.wait_for_everyone()

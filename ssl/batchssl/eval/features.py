@@ -52,8 +52,13 @@ def extract_features(
     indices = [min(i, n - 1) for i in range(rank * shard, (rank + 1) * shard)]
 
     device = next(backbone.parameters(), torch.empty(0)).device
-    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=device.type == "cuda")
+    loader = DataLoader(
+        Subset(dataset, indices),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
     is_main = accelerator is None or accelerator.is_main_process
     feats, labels = [], []
     with eval_mode(backbone), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -72,9 +77,9 @@ def _gather_shards(local: Tensor, accelerator: accelerate.Accelerator) -> Tensor
     world, shard = accelerator.num_processes, len(local)
     out = local.new_empty((world, shard, *local.shape[1:]))
     for start in range(0, shard, _GATHER_ROWS):
-        part = local[start:start + _GATHER_ROWS]
+        part = local[start : start + _GATHER_ROWS]
         gathered = accelerator.gather(part.to(accelerator.device)).cpu()  # rank-major: (P * rows, ...)
-        out[:, start:start + len(part)] = gathered.view(world, len(part), *local.shape[1:])
+        out[:, start : start + len(part)] = gathered.view(world, len(part), *local.shape[1:])
     return out.flatten(0, 1)
 
 

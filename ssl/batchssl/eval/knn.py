@@ -69,11 +69,23 @@ class SplitFeatures:
     query_labels: Tensor
 
 
-def split_features(backbone, bank: Dataset, queries: Dataset, settings: KnnSettings, accelerator=None,
-                   dtype: torch.dtype | None = None, progress: bool = False) -> SplitFeatures:
+def split_features(
+    backbone,
+    bank: Dataset,
+    queries: Dataset,
+    settings: KnnSettings,
+    accelerator=None,
+    dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> SplitFeatures:
     """Features of both splits (every process gets them all; see extract_features)."""
-    kwargs = dict(batch_size=settings.batch_size, num_workers=settings.num_workers, accelerator=accelerator,
-                  dtype=dtype, progress=progress)
+    kwargs = dict(
+        batch_size=settings.batch_size,
+        num_workers=settings.num_workers,
+        accelerator=accelerator,
+        dtype=dtype,
+        progress=progress,
+    )
     bank_x, bank_y = extract_features(backbone, bank, desc="kNN bank", **kwargs)
     val_x, val_y = extract_features(backbone, queries, desc="kNN queries", **kwargs)
     return SplitFeatures(bank_x, bank_y, val_x, val_y)
@@ -81,25 +93,40 @@ def split_features(backbone, bank: Dataset, queries: Dataset, settings: KnnSetti
 
 def knn_evaluate(features: SplitFeatures, settings: KnnSettings, num_classes: int) -> dict[int, dict[str, float]]:
     """The kNN score of a frozen backbone: what the training monitor and `python -m knn_eval` both report."""
-    return knn_classify(features.bank, features.bank_labels, features.queries, features.query_labels,
-                        ks=settings.ks, temperature=settings.temperature, num_classes=num_classes)
+    return knn_classify(
+        features.bank,
+        features.bank_labels,
+        features.queries,
+        features.query_labels,
+        ks=settings.ks,
+        temperature=settings.temperature,
+        num_classes=num_classes,
+    )
 
 
-def knn_evaluate_predictions(features: SplitFeatures, settings: KnnSettings, num_classes: int,
-                             ks: Sequence[int] | None = None) -> tuple[dict[int, dict[str, float]], dict[int, Tensor]]:
+def knn_evaluate_predictions(
+    features: SplitFeatures, settings: KnnSettings, num_classes: int, ks: Sequence[int] | None = None
+) -> tuple[dict[int, dict[str, float]], dict[int, Tensor]]:
     """knn_evaluate's scores plus every query's top-1 prediction for each k, from the same single search:
     ({k: {"top1", "top5"}}, {k: int64 tensor (num_queries,)}). ks defaults to settings.ks."""
-    return knn_classify_predictions(features.bank, features.bank_labels, features.queries, features.query_labels,
-                                    ks=tuple(settings.ks if ks is None else ks), temperature=settings.temperature,
-                                    num_classes=num_classes)
+    return knn_classify_predictions(
+        features.bank,
+        features.bank_labels,
+        features.queries,
+        features.query_labels,
+        ks=tuple(settings.ks if ks is None else ks),
+        temperature=settings.temperature,
+        num_classes=num_classes,
+    )
 
 
 # FAISS GPU selection kernels handle at most this many neighbours per query.
 _GPU_MAX_K = 2048
 
 
-def knn_classify(bank_feats: Tensor, bank_labels: Tensor, query_feats: Tensor, query_labels: Tensor,
-                 **options) -> dict[int, dict[str, float]]:
+def knn_classify(
+    bank_feats: Tensor, bank_labels: Tensor, query_feats: Tensor, query_labels: Tensor, **options
+) -> dict[int, dict[str, float]]:
     """Weighted kNN accuracy of `query_feats` against the labelled `bank_feats`, for every k in `ks`.
 
     Returns {k: {"top1": percent, "top5": percent}}. With fewer than 5 classes "top5" is top-C (100 %);
@@ -133,8 +160,9 @@ def knn_classify_predictions(
     top = min(5, num_classes)
     correct = {k: torch.zeros(2, dtype=torch.long) for k in ks}
     predictions = {k: torch.empty(len(query_labels), dtype=torch.long) for k in ks}
-    for rows, scores_by_k in _scores(bank_feats, bank_labels, query_feats, ks, temperature, num_classes,
-                                     batch_size, normalize, use_gpu):
+    for rows, scores_by_k in _scores(
+        bank_feats, bank_labels, query_feats, ks, temperature, num_classes, batch_size, normalize, use_gpu
+    ):
         targets = query_labels[rows].unsqueeze(1)
         for k, scores in scores_by_k.items():
             ranked = _rank(scores)[:, :top]
@@ -164,19 +192,22 @@ def knn_predict_scores(
     """
     num_classes = _num_classes(num_classes, bank_labels)
     out = torch.empty(len(query_feats), num_classes)
-    for rows, scores_by_k in _scores(bank_feats, bank_labels, query_feats, (k,), temperature, num_classes,
-                                     batch_size, normalize, use_gpu):
+    for rows, scores_by_k in _scores(
+        bank_feats, bank_labels, query_feats, (k,), temperature, num_classes, batch_size, normalize, use_gpu
+    ):
         out[rows] = scores_by_k[k]
     return out
 
 
-def _scores(bank_feats, bank_labels, query_feats, ks, temperature, num_classes, batch_size, normalize,
-            use_gpu) -> Iterator[tuple[slice, dict[int, Tensor]]]:
+def _scores(
+    bank_feats, bank_labels, query_feats, ks, temperature, num_classes, batch_size, normalize, use_gpu
+) -> Iterator[tuple[slice, dict[int, Tensor]]]:
     """Yield (query rows, {k: class scores of those rows}) batch by batch, from one search with max(ks)."""
     bank_labels = torch.as_tensor(bank_labels).reshape(-1).long().cpu()
     if bank_feats.ndim != 2 or query_feats.ndim != 2 or bank_feats.shape[1] != query_feats.shape[1]:
-        raise ValueError(f"features must be (N, D) and (M, D); got {tuple(bank_feats.shape)} and "
-                         f"{tuple(query_feats.shape)}")
+        raise ValueError(
+            f"features must be (N, D) and (M, D); got {tuple(bank_feats.shape)} and {tuple(query_feats.shape)}"
+        )
     if len(bank_feats) == 0 or len(query_feats) == 0:
         raise ValueError("the feature bank and the queries must not be empty")
     if len(bank_labels) != len(bank_feats):
@@ -222,8 +253,7 @@ def _search(index, queries: np.ndarray, k: int, pool: ThreadPoolExecutor, thread
         return index.search(queries, k)  # in the caller's thread, with its own OpenMP setting
     bounds = np.linspace(0, len(queries), parts + 1).astype(int)
     omp_threads = threads // parts
-    sims, idx = zip(*pool.map(lambda a, b: _search_slice(index, queries[a:b], k, omp_threads), bounds[:-1],
-                              bounds[1:]))
+    sims, idx = zip(*pool.map(lambda a, b: _search_slice(index, queries[a:b], k, omp_threads), bounds[:-1], bounds[1:]))
     return np.concatenate(sims), np.concatenate(idx)
 
 
@@ -254,7 +284,7 @@ def _build_index(bank_feats: Tensor, normalize: bool, use_gpu: bool | None, kmax
     index = faiss.GpuIndexFlatIP(faiss.StandardGpuResources(), dim) if on_gpu else faiss.IndexFlatIP(dim)
     # Add in chunks so that normalising never copies the whole bank on top of the copy the index holds.
     for start in range(0, len(bank_feats), batch_size):
-        index.add(_as_faiss_input(bank_feats[start:start + batch_size], normalize))
+        index.add(_as_faiss_input(bank_feats[start : start + batch_size], normalize))
     return index, on_gpu
 
 

@@ -62,8 +62,9 @@ def check_backbone_unchanged(module: nn.Module, fingerprint: dict[str, str]) -> 
     changed = sorted(name for name in fingerprint.keys() | now.keys() if fingerprint.get(name) != now.get(name))
     if changed:
         shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
-        raise BackboneChangedError(f"the frozen backbone changed during the linear probe ({shown}); "
-                                   "its results are invalid")
+        raise BackboneChangedError(
+            f"the frozen backbone changed during the linear probe ({shown}); its results are invalid"
+        )
 
 
 def train_augmented_probe(
@@ -126,26 +127,41 @@ def train_augmented_probe(
     head.to(device)
     peak_lr = settings.base_lr * batch_size / 256
     if settings.optimizer == "sgd":
-        opt = torch.optim.SGD(head.parameters(), lr=peak_lr, momentum=settings.momentum,
-                              weight_decay=settings.weight_decay)
+        opt = torch.optim.SGD(
+            head.parameters(), lr=peak_lr, momentum=settings.momentum, weight_decay=settings.weight_decay
+        )
     else:  # SimSiam's probe: LARS at weight decay 0 still adapts the weight matrix
-        opt = LARS(head.parameters(), lr=peak_lr, momentum=settings.momentum, weight_decay=settings.weight_decay,
-                   trust_without_decay=True)
+        opt = LARS(
+            head.parameters(),
+            lr=peak_lr,
+            momentum=settings.momentum,
+            weight_decay=settings.weight_decay,
+            trust_without_decay=True,
+        )
     identity = {**asdict(settings), "num_classes": num_classes, "feature_dim": feature_dim}
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     start_epoch, stats = _resume(ckpt_path, head, opt, identity, fingerprint) if ckpt_path is not None else (0, None)
     if stats is None:
-        stats = (feature_stats(backbone, train_dataset, feature_dim, seed, max(batch_size // world, 1), num_workers,
-                               accelerator, dtype) if settings.standardize
-                 else (torch.zeros(feature_dim), torch.ones(feature_dim)))
+        stats = (
+            feature_stats(
+                backbone, train_dataset, feature_dim, seed, max(batch_size // world, 1), num_workers, accelerator, dtype
+            )
+            if settings.standardize
+            else (torch.zeros(feature_dim), torch.ones(feature_dim))
+        )
     mean, inv_std = (t.to(device) for t in stats)
     if accelerator is not None:
         head, opt = accelerator.prepare(head, opt)
 
     # Shuffled from (seed, epoch), sharded by rank; padded with a few repeats so all ranks take the same steps.
     sampler = DistributedSampler(train_dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
-    loader = DataLoader(train_dataset, batch_size=batch_size // world, sampler=sampler, num_workers=num_workers,
-                        pin_memory=device.type == "cuda")
+    loader = DataLoader(
+        train_dataset,
+        batch_size=batch_size // world,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
     total = epochs * len(loader)
     train_loss = float("nan")
     with eval_mode(backbone), _frozen_params(backbone):
@@ -153,8 +169,12 @@ def train_augmented_probe(
             sampler.set_epoch(epoch)
             head.train()
             loss_sum = torch.zeros(2, device=device)  # (sum of batch losses * batch size, samples)
-            bar = tqdm(loader, desc=f"linear probe {epoch + 1}/{epochs}", disable=not (progress and is_main),
-                       dynamic_ncols=True)
+            bar = tqdm(
+                loader,
+                desc=f"linear probe {epoch + 1}/{epochs}",
+                disable=not (progress and is_main),
+                dynamic_ncols=True,
+            )
             for i, (images, labels) in enumerate(bar):
                 for group in opt.param_groups:
                     group["lr"] = warmup_cosine(epoch * len(loader) + i, total, 0, peak_lr)
@@ -180,9 +200,16 @@ def train_augmented_probe(
             if accelerator is not None:
                 accelerator.wait_for_everyone()
 
-    feats, labels = extract_features(backbone, test_dataset, batch_size=max(batch_size // world, 1),
-                                     num_workers=num_workers, accelerator=accelerator, dtype=dtype,
-                                     progress=progress, desc="linear probe test")
+    feats, labels = extract_features(
+        backbone,
+        test_dataset,
+        batch_size=max(batch_size // world, 1),
+        num_workers=num_workers,
+        accelerator=accelerator,
+        dtype=dtype,
+        progress=progress,
+        desc="linear probe test",
+    )
     check_backbone_unchanged(backbone, fingerprint)
     final = _unwrap(head, accelerator)
     with torch.no_grad():
@@ -195,9 +222,17 @@ def train_augmented_probe(
     return result
 
 
-def feature_stats(backbone: nn.Module, dataset, feature_dim: int, seed: int, batch_size: int, num_workers: int = 0,
-                  accelerator: accelerate.Accelerator | None = None, dtype: torch.dtype | None = None,
-                  max_images: int = STATS_IMAGES) -> tuple[Tensor, Tensor]:
+def feature_stats(
+    backbone: nn.Module,
+    dataset,
+    feature_dim: int,
+    seed: int,
+    batch_size: int,
+    num_workers: int = 0,
+    accelerator: accelerate.Accelerator | None = None,
+    dtype: torch.dtype | None = None,
+    max_images: int = STATS_IMAGES,
+) -> tuple[Tensor, Tensor]:
     """(mean, 1 / sqrt(var + 1e-6)) per feature dimension over a seeded subset of `dataset`, on CPU.
 
     The subset's rows are shared out over the processes and gathered by `extract_features`, so every process
@@ -205,8 +240,15 @@ def feature_stats(backbone: nn.Module, dataset, feature_dim: int, seed: int, bat
     """
     count = min(len(dataset), max_images)
     indices = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count].sort().values
-    feats, _ = extract_features(backbone, Subset(dataset, indices.tolist()), batch_size=batch_size,
-                                num_workers=num_workers, accelerator=accelerator, dtype=dtype, desc="probe statistics")
+    feats, _ = extract_features(
+        backbone,
+        Subset(dataset, indices.tolist()),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        accelerator=accelerator,
+        dtype=dtype,
+        desc="probe statistics",
+    )
     if feats.shape[1] != feature_dim:
         raise ValueError(f"the backbone gives {feats.shape[1]} features, the probe expects {feature_dim}")
     return feats.mean(0), torch.rsqrt(feats.var(0, unbiased=False) + 1e-6)
@@ -229,25 +271,37 @@ def _unwrap(head: nn.Module, accelerator) -> nn.Module:
     return accelerator.unwrap_model(head) if accelerator is not None else head
 
 
-def _save(path: Path, head: nn.Module, opt, epochs_done: int, settings: dict, fingerprint: dict,
-          stats: tuple[Tensor, Tensor]) -> None:
+def _save(
+    path: Path, head: nn.Module, opt, epochs_done: int, settings: dict, fingerprint: dict, stats: tuple[Tensor, Tensor]
+) -> None:
     """Write to a temporary name, then rename: an interrupted save never replaces the last good checkpoint."""
-    state = {"head": head.state_dict(), "optimizer": opt.state_dict(), "epoch": epochs_done, "settings": settings,
-             "backbone": fingerprint, "feature_mean": stats[0], "feature_inv_std": stats[1]}
+    state = {
+        "head": head.state_dict(),
+        "optimizer": opt.state_dict(),
+        "epoch": epochs_done,
+        "settings": settings,
+        "backbone": fingerprint,
+        "feature_mean": stats[0],
+        "feature_inv_std": stats[1],
+    }
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def _resume(path: Path, head: nn.Module, opt, settings: dict,
-            fingerprint: dict) -> tuple[int, tuple[Tensor, Tensor] | None]:
+def _resume(
+    path: Path, head: nn.Module, opt, settings: dict, fingerprint: dict
+) -> tuple[int, tuple[Tensor, Tensor] | None]:
     """Load head and optimizer from `path` if it exists; return (epochs already done, its feature statistics)."""
     if not path.is_file():
         return 0, None
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state["settings"] != settings:
-        diff = sorted(k for k in settings.keys() | state["settings"].keys()
-                      if settings.get(k) != state["settings"].get(k))
-        raise UserError(f"{path} was written with other probe settings ({', '.join(diff)}); "
-                        "use another checkpoint directory or the same settings")
+        diff = sorted(
+            k for k in settings.keys() | state["settings"].keys() if settings.get(k) != state["settings"].get(k)
+        )
+        raise UserError(
+            f"{path} was written with other probe settings ({', '.join(diff)}); "
+            "use another checkpoint directory or the same settings"
+        )
     if state["backbone"] != fingerprint:
         raise UserError(f"{path} was written for another backbone; use another checkpoint directory")
     head.load_state_dict(state["head"])

@@ -50,7 +50,6 @@ def train_val_split(labels: Tensor, val_fraction: float = 0.1, seed: int = 0) ->
     return torch.cat(train).sort().values, torch.cat(val).sort().values
 
 
-
 @torch.no_grad()
 def train_cached_probes(
     train_feats: Tensor,
@@ -101,7 +100,7 @@ def train_cached_probes(
     for epoch in tqdm(range(epochs), desc="cached probes", disable=not progress, dynamic_ncols=True):
         order = torch.randperm(len(x), generator=generator).to(device)
         for i in range(steps_per_epoch):
-            idx = order[i * batch_size:(i + 1) * batch_size]
+            idx = order[i * batch_size : (i + 1) * batch_size]
             xb, yb = x[idx], y[idx]
             # One matmul for all heads: (B, D) @ (D, H * C). The gradient of each head's mean cross-entropy is
             # written out (softmax - onehot): three times faster than autograd at these tiny sizes.
@@ -139,7 +138,6 @@ def _grid_top1(x: Tensor, y: Tensor, weight: Tensor, bias: Tensor, chunk: int = 
     """Top-1 (percent, on CPU) of every head; in chunks, as (rows, heads, classes) logits can be large."""
     correct = torch.zeros(weight.shape[1], dtype=torch.long, device=x.device)
     for start in range(0, len(x), chunk):
-        logits = torch.einsum("nd,dhc->nhc", x[start:start + chunk], weight) + bias
-        correct += (logits.argmax(dim=2) == y[start:start + chunk, None]).sum(dim=0)
+        logits = torch.einsum("nd,dhc->nhc", x[start : start + chunk], weight) + bias
+        correct += (logits.argmax(dim=2) == y[start : start + chunk, None]).sum(dim=0)
     return 100.0 * correct.cpu().double() / len(x)
-

@@ -46,8 +46,9 @@ def per_class_accuracy(predictions: Tensor, labels: Tensor, num_classes: int) ->
     return [100.0 * c / n if n else None for c, n in zip(correct.tolist(), total.tolist())]
 
 
-def per_class_report(predictions: Tensor, labels: Tensor, num_classes: int,
-                     class_counts: Sequence[int] | None = None) -> dict:
+def per_class_report(
+    predictions: Tensor, labels: Tensor, num_classes: int, class_counts: Sequence[int] | None = None
+) -> dict:
     """Per-class accuracy and its summaries, all in percent.
 
     Returns {"per_class": [accuracy of class 0, 1, ...] (None: no query of that class), "class_std": population
@@ -68,8 +69,9 @@ def per_class_report(predictions: Tensor, labels: Tensor, num_classes: int,
     return report
 
 
-def knn_frequency_metrics(features, settings, num_classes: int, class_counts: Sequence[int] | None,
-                          k: int | None = None) -> dict:
+def knn_frequency_metrics(
+    features, settings, num_classes: int, class_counts: Sequence[int] | None, k: int | None = None
+) -> dict:
     """The live monitor's kNN line with the per-frequency summaries, from one kNN search:
     {"knn_top1", "knn_top5", "knn_k", with class_counts "knn_many", "knn_medium", "knn_few", and
     "knn_class_std"}; knn_top1 / knn_top5 are exactly knn_evaluate's. `features`: batchssl.eval.knn.SplitFeatures;

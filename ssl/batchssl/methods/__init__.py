@@ -12,8 +12,15 @@ from batchssl.methods.simclr import SimCLR
 from batchssl.methods.simsiam import SimSiam
 from batchssl.methods.vicreg import VICReg
 
-METHODS: dict[str, type[SSLMethod]] = {"simsiam": SimSiam, "mocov3": MoCoV3, "byol": BYOL, "simclr": SimCLR,
-                                       "barlowtwins": BarlowTwins, "vicreg": VICReg, "dino": DINO}
+METHODS: dict[str, type[SSLMethod]] = {
+    "simsiam": SimSiam,
+    "mocov3": MoCoV3,
+    "byol": BYOL,
+    "simclr": SimCLR,
+    "barlowtwins": BarlowTwins,
+    "vicreg": VICReg,
+    "dino": DINO,
+}
 
 
 def build_method(cfg: Config, backbone: nn.Module, feature_dim: int) -> SSLMethod:

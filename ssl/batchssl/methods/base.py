@@ -78,9 +78,18 @@ class SSLMethod(nn.Module):
             params = [p for p in part.parameters() if p.requires_grad]
             lr_scale = self.bf_cfg.lr_scale if name == "batchformer" else 1.0
             fixed = cfg.fixed_predictor_lr and name == "predictor"
-            for decay, members in ((cfg.weight_decay, [p for p in params if p.ndim > 1]),
-                                   (0.0, [p for p in params if p.ndim <= 1])):
+            for decay, members in (
+                (cfg.weight_decay, [p for p in params if p.ndim > 1]),
+                (0.0, [p for p in params if p.ndim <= 1]),
+            ):
                 if members:
-                    groups.append({"params": members, "weight_decay": decay, "lr_scale": lr_scale,
-                                   "fixed_lr": fixed, "name": f"{name}{'' if decay else '_no_decay'}"})
+                    groups.append(
+                        {
+                            "params": members,
+                            "weight_decay": decay,
+                            "lr_scale": lr_scale,
+                            "fixed_lr": fixed,
+                            "name": f"{name}{'' if decay else '_no_decay'}",
+                        }
+                    )
         return groups

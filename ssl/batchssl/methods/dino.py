@@ -38,8 +38,9 @@ def dino_loss(student: list[Tensor], teacher_probs: list[Tensor], student_temp: 
     """Mean over pairs of a teacher view t and a student view s != t of the batch-mean cross-entropy
     H(P_t, P_s); teacher view i and student view i are the same crop."""
     log_p = [F.log_softmax(upcast(s) / student_temp, dim=-1) for s in student]
-    terms = [-(t * log_p[j]).sum(dim=-1).mean() for i, t in enumerate(teacher_probs)
-             for j in range(len(log_p)) if j != i]
+    terms = [
+        -(t * log_p[j]).sum(dim=-1).mean() for i, t in enumerate(teacher_probs) for j in range(len(log_p)) if j != i
+    ]
     return torch.stack(terms).mean()
 
 
@@ -89,8 +90,14 @@ def dino_mlp(in_dim: int, cfg: MethodConfig) -> ProjectionHead:
 class DINO(SSLMethod):
     schedules_in_epochs = True  # the registry passes train.epochs (teacher temperature warmup, last-layer freeze)
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, cfg: MethodConfig, batchformer: BatchFormerConfig,
-                 epochs: int | None = None):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        feature_dim: int,
+        cfg: MethodConfig,
+        batchformer: BatchFormerConfig,
+        epochs: int | None = None,
+    ):
         super().__init__(backbone, feature_dim, batchformer)
         if epochs is None and (cfg.teacher_temp_warmup_epochs or cfg.dino_freeze_last_layer_epochs):
             raise ValueError("DINO: epoch-based schedules need the run's number of epochs")
@@ -123,8 +130,12 @@ class DINO(SSLMethod):
     def forward(self, views: list[Tensor], step: int = 0, total_steps: int = 1) -> dict[str, Tensor]:
         n, steps_per_epoch = views[0].shape[0], total_steps / self.epochs
         m = moco_momentum(step, total_steps, self.cfg.momentum, self.cfg.momentum_final)
-        temp = teacher_temperature(step, self.cfg.teacher_temp_warmup_epochs * steps_per_epoch,
-                                   self.cfg.teacher_temp_start, self.cfg.teacher_temp)
+        temp = teacher_temperature(
+            step,
+            self.cfg.teacher_temp_warmup_epochs * steps_per_epoch,
+            self.cfg.teacher_temp_start,
+            self.cfg.teacher_temp,
+        )
         self._frozen_last_layer = step < self.cfg.dino_freeze_last_layer_epochs * steps_per_epoch
         z = self.project(views)  # bottleneck outputs ([:n] original, [n:] BatchFormer in training)
         if self.training:
@@ -136,5 +147,9 @@ class DINO(SSLMethod):
         out = two_stream_loss(self.loss, scores, targets, self.bf_cfg.weight)
         # z_std of the K prototype scores (method.proj_dim, what the collapse alarm scales by): 0 when every image
         # gets the same scores, DINO's collapse
-        return {**out, "z_std": self.z_std(scores[0][:n]), "momentum": torch.tensor(m),
-                "teacher_temp": torch.tensor(temp)}
+        return {
+            **out,
+            "z_std": self.z_std(scores[0][:n]),
+            "momentum": torch.tensor(m),
+            "teacher_temp": torch.tensor(temp),
+        }

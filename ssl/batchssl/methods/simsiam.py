@@ -36,6 +36,7 @@ class SimSiam(SSLMethod):
         n = views[0].shape[0]
         z = self.project(views)
         # Targets are always the original stream's projector outputs of the global views, stop-gradient.
-        out = two_stream_loss(self.loss, [self.predictor(x) for x in z], [x[:n] for x in z[:GLOBAL_VIEWS]],
-                              self.bf_cfg.weight)
+        out = two_stream_loss(
+            self.loss, [self.predictor(x) for x in z], [x[:n] for x in z[:GLOBAL_VIEWS]], self.bf_cfg.weight
+        )
         return {**out, "z_std": self.z_std(z[0][:n])}
