@@ -42,9 +42,9 @@ class Stopped(SystemExit):
     """Raised by train() once a signal's checkpoint is written (or at a second Ctrl-C); its code is the exit
     status, EXIT_BASE + the signal's number. A SystemExit, so entry points exit with it and print no traceback."""
 
-    def __init__(self, signum: int, message: str):
+    def __init__(self, signum: int, message: str, shown: bool = False):
         super().__init__(EXIT_BASE + signum)
-        self.signum, self.message = signum, message
+        self.signum, self.message, self.shown = signum, message, shown
 
 
 class StopRequests:
@@ -71,6 +71,17 @@ class StopRequests:
             signal.signal(sig, previous)
         self._previous = {}
 
+    def leave(self) -> None:
+        """Several processes, stopping after the checkpoint: the first rank to exit makes torchrun's agent SIGTERM
+        the others, which may still be on their way out (releasing the lock, tearing down the interpreter, where
+        Python resets its own handlers to the default); a rank that has agreed to stop ignores the signals from now
+        on and exits with the agreed code instead of as killed."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self._previous = {}  # nothing to restore: the process is leaving
+        for sig in {*self.signals, signal.SIGTERM}:
+            signal.signal(sig, signal.SIG_IGN)
+
     def _handle(self, signum: int, frame) -> None:
         if signum == signal.SIGINT and self.signum == signal.SIGINT and not self.writing:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
@@ -85,6 +96,28 @@ class StopRequests:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
         self.signum = self.signum or int(flag.item())  # a later local signal is then a repeat
         return int(flag.item())
+
+
+def join_restarted_group() -> None:
+    """Under torchrun's elastic restarts (--max-restarts), the restarted workers' process group is formed here,
+    before Accelerate would form it. The workers share the agent's store across attempts and torch writes the
+    group's addresses under the same keys every attempt, so a restarted worker may read a dead peer's address
+    and fail to connect ("Connection refused"); the attempt's own key prefix keeps the attempts apart. The first
+    attempt and every other launch are left to Accelerate."""
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if attempt == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or dist.is_initialized():
+        return
+    from datetime import timedelta
+
+    from batchssl.launch import group_timeout
+
+    timeout = group_timeout() or timedelta(minutes=30)  # torch's default for gloo
+    world = int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timeout)
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                            store=dist.PrefixStore(f"batchssl/attempt_{attempt}", store),
+                            rank=int(os.environ["RANK"]), world_size=world, timeout=timeout)
 
 
 def requeue() -> str:

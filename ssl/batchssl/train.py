@@ -46,7 +46,7 @@ from batchssl.eval.frozen import feature_dtype
 from batchssl.monitor import KnnMonitor
 from batchssl.online_linear import feature_tap, gather_rows
 from batchssl.optim import apply_lr
-from batchssl.preemption import Stopped, StopRequests, requeue
+from batchssl.preemption import Stopped, StopRequests, join_restarted_group, requeue
 
 
 def signal_name(signum: int) -> str:
@@ -156,6 +156,7 @@ def train(cfg: Config, callbacks: Sequence[Callback] = ()) -> dict:
     _check_trackers(cfg.train.log_with)
     out = Path(cfg.output_dir)
     precision = resolve_precision(cfg.train.mixed_precision)
+    join_restarted_group()
     accelerator = make_accelerator(mixed_precision=precision, log_with=cfg.train.log_with, project_dir=str(out))
     if accelerator.num_processes > 1:  # collective: one config and code version on every process (batchssl.consistency)
         check_same_config(cfg)
@@ -172,7 +173,10 @@ def train(cfg: Config, callbacks: Sequence[Callback] = ()) -> dict:
         raise Stopped(2, f"interrupted; {'resumes from ' + str(newest) if newest else 'no checkpoint yet'} "
                          "when the same command is rerun") from None
     except Stopped as stopped:
-        accelerator.print(stopped.message)
+        if not stopped.shown:
+            accelerator.print(stopped.message)
+        if accelerator.num_processes > 1:
+            stop.leave()
         raise
     finally:
         stop.restore()
@@ -270,7 +274,10 @@ class _Loop:
                        f"{ckpt.step_dir(self.out, done)}; rerun the same command to resume")
             if self.cfg.checkpoint.requeue and self.accelerator.is_main_process:
                 message += f"; {requeue()}"
-            raise Stopped(signum, message)
+            # Printed and requeued before the last barrier: once one rank exits, torchrun terminates the others.
+            self.accelerator.print(message)
+            self.accelerator.wait_for_everyone()
+            raise Stopped(signum, message, shown=True)
         every = self.cfg.checkpoint.every_n_steps
         if every and done % every == 0 and i != self.run.steps_per_epoch - 1:
             self.step_checkpoint(epoch, done)
