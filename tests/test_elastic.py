@@ -15,8 +15,14 @@ from batchssl.checkpoint import complete_checkpoints
 from helpers import REPO, free_port, run_entry, run_pretrain, step_lines, step_losses
 
 KILL_AT = REPO / "tests" / "helpers" / "kill_at.py"
-SMALL = ["data.limit=256", "data.val_limit=200", "train.epochs=1", "train.batch_size=64", "train.log_every_n_steps=1",
-         "monitor.enabled=false"]
+SMALL = [
+    "data.limit=256",
+    "data.val_limit=200",
+    "train.epochs=1",
+    "train.batch_size=64",
+    "train.log_every_n_steps=1",
+    "monitor.enabled=false",
+]
 # A lost peer shows as a closed connection at once; the timeout only bounds a hang if it did not.
 ENV = {"BATCHSSL_DIST_TIMEOUT_S": "120"}
 
@@ -43,8 +49,9 @@ def straight(tmp_path_factory):
 def test_signal_to_one_worker_stops_every_rank_at_the_same_step(tmp_path, straight):
     """SIGUSR1 to rank 1's process only (as `kill -USR1 PID` or Slurm's --signal to one task) after step 2."""
     args = [*SMALL, f"output_dir={tmp_path}"]
-    stopped = run_entry(KILL_AT, "--step", "2", "--rank", "1", "--send", "SIGUSR1", *args, launcher="torchrun",
-                        check=False, env=ENV)
+    stopped = run_entry(
+        KILL_AT, "--step", "2", "--rank", "1", "--send", "SIGUSR1", *args, launcher="torchrun", check=False, env=ENV
+    )
     assert stopped.returncode != 0
     assert rank_exit_codes(stopped.stderr) == {0: 128 + signal.SIGUSR1, 1: 128 + signal.SIGUSR1}, stopped.stderr
     assert "Connection closed" not in stopped.stderr and "batchssl" not in stopped.stderr  # no worker traceback
@@ -59,9 +66,29 @@ def test_signal_to_one_worker_stops_every_rank_at_the_same_step(tmp_path, straig
 def test_elastic_restart_after_a_worker_is_killed_resumes_exactly(tmp_path, straight):
     """`torchrun --max-restarts 1`: rank 1 SIGKILLed after step 3 on the first attempt; the restarted group resumes
     from step_00000002 (checkpoint.every_n_steps=2) and finishes the run."""
-    cmd = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", "1", "--monitor-interval", "0.5",
-           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", str(KILL_AT), "--step", "3",
-           "--rank", "1", "--first-attempt", *SMALL, "checkpoint.every_n_steps=2", f"output_dir={tmp_path}"]
+    cmd = [
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--max-restarts",
+        "1",
+        "--monitor-interval",
+        "0.5",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{free_port()}",
+        str(KILL_AT),
+        "--step",
+        "3",
+        "--rank",
+        "1",
+        "--first-attempt",
+        *SMALL,
+        "checkpoint.every_n_steps=2",
+        f"output_dir={tmp_path}",
+    ]
     done = run_entry(*cmd, env={"OMP_NUM_THREADS": "1", **ENV})
     assert f"resumed from {tmp_path / 'checkpoints' / 'step_00000002'}" in done.stdout, done.stdout
     same_run(tmp_path, straight)

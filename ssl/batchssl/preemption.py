@@ -113,11 +113,16 @@ def join_restarted_group() -> None:
 
     timeout = group_timeout() or timedelta(minutes=30)  # torch's default for gloo
     world = int(os.environ["WORLD_SIZE"])
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
-                          timeout=timeout)
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
-                            store=dist.PrefixStore(f"batchssl/attempt_{attempt}", store),
-                            rank=int(os.environ["RANK"]), world_size=world, timeout=timeout)
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=timeout
+    )
+    dist.init_process_group(
+        "nccl" if torch.cuda.is_available() else "gloo",
+        store=dist.PrefixStore(f"batchssl/attempt_{attempt}", store),
+        rank=int(os.environ["RANK"]),
+        world_size=world,
+        timeout=timeout,
+    )
 
 
 def requeue() -> str:

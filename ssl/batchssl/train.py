@@ -120,13 +120,16 @@ def resume_target(cfg: Config, out: Path) -> Path | None:
             raise UserError(f"checkpoint.resume: no checkpoint directory at {path}")
         return path
     if ckpt.latest_checkpoint(out) is not None:
-        raise UserError(f"{out} already holds checkpoints and checkpoint.resume=none would overwrite them: "
-                        "use another output_dir or checkpoint.resume=auto")
+        raise UserError(
+            f"{out} already holds checkpoints and checkpoint.resume=none would overwrite them: "
+            "use another output_dir or checkpoint.resume=auto"
+        )
     return None
 
 
-def train_step(method, optimizer, accelerator: Accelerator, views, step: int, total_steps: int,
-               max_grad_norm: float | None) -> tuple[list[str], torch.Tensor]:
+def train_step(
+    method, optimizer, accelerator: Accelerator, views, step: int, total_steps: int, max_grad_norm: float | None
+) -> tuple[list[str], torch.Tensor]:
     """Forward, backward, optimizer step. Returns the names of the numbers the method logs and their values as
     one local float32 tensor on the device (no host synchronisation)."""
     outputs = method(views, step, total_steps)
@@ -170,8 +173,11 @@ def train(cfg: Config, callbacks: Sequence[Callback] = ()) -> dict:
         return _train(cfg, out, accelerator, precision, callbacks, stop)
     except KeyboardInterrupt:  # a second Ctrl-C: whatever was running stops; the newest checkpoint stands
         newest = ckpt.latest_checkpoint(out)
-        raise Stopped(2, f"interrupted; {'resumes from ' + str(newest) if newest else 'no checkpoint yet'} "
-                         "when the same command is rerun") from None
+        raise Stopped(
+            2,
+            f"interrupted; {'resumes from ' + str(newest) if newest else 'no checkpoint yet'} "
+            "when the same command is rerun",
+        ) from None
     except Stopped as stopped:
         if not stopped.shown:
             accelerator.print(stopped.message)
@@ -184,8 +190,9 @@ def train(cfg: Config, callbacks: Sequence[Callback] = ()) -> dict:
             lock.release()
 
 
-def _train(cfg: Config, out: Path, accelerator: Accelerator, precision: str, callbacks: Sequence[Callback],
-           stop: StopRequests) -> dict:
+def _train(
+    cfg: Config, out: Path, accelerator: Accelerator, precision: str, callbacks: Sequence[Callback], stop: StopRequests
+) -> dict:
     resume_from = resume_target(cfg, out)  # resolved before anything is written, so bad input loses nothing
     if accelerator.is_main_process:
         ckpt.check_config_change(cfg, out, resume_from)
@@ -199,8 +206,11 @@ def _train(cfg: Config, out: Path, accelerator: Accelerator, precision: str, cal
         from batchssl.trackers import tracker_config
 
         # W&B would write ./wandb in the working directory otherwise: keep everything in the run directory.
-        accelerator.init_trackers("batchssl", config=tracker_config(to_dict(cfg)),
-                                  init_kwargs={"wandb": {"dir": str(out)}} if cfg.train.log_with == "wandb" else {})
+        accelerator.init_trackers(
+            "batchssl",
+            config=tracker_config(to_dict(cfg)),
+            init_kwargs={"wandb": {"dir": str(out)}} if cfg.train.log_with == "wandb" else {},
+        )
 
     for epoch in range(start_epoch, cfg.train.epochs):
         # A step checkpoint resumes inside its epoch (possibly after its last step, before the monitor).
@@ -218,8 +228,16 @@ def _train(cfg: Config, out: Path, accelerator: Accelerator, precision: str, cal
 class _Loop:
     """One run's loop state: the step, its log line, the end-of-epoch monitor and checkpoint."""
 
-    def __init__(self, cfg: Config, out: Path, accelerator: Accelerator, run: Training, precision: str,
-                 callbacks: Sequence[Callback], stop: StopRequests):
+    def __init__(
+        self,
+        cfg: Config,
+        out: Path,
+        accelerator: Accelerator,
+        run: Training,
+        precision: str,
+        callbacks: Sequence[Callback],
+        stop: StopRequests,
+    ):
         self.cfg, self.out, self.accelerator, self.run, self.callbacks = cfg, out, accelerator, run, callbacks
         self.stop = stop
         self.monitor = KnnMonitor(cfg, run.info) if cfg.monitor.enabled else None
@@ -249,8 +267,13 @@ class _Loop:
         """Steps `first`.. of the epoch (0 unless resumed from a step checkpoint)."""
         self.run.method.train()
         spe = self.run.steps_per_epoch
-        with tqdm(total=spe, initial=first, desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}", dynamic_ncols=True,
-                  disable=not self.accelerator.is_local_main_process) as bar:
+        with tqdm(
+            total=spe,
+            initial=first,
+            desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}",
+            dynamic_ncols=True,
+            disable=not self.accelerator.is_local_main_process,
+        ) as bar:
             self.interval_start, self.interval_steps = time.perf_counter(), 0
             batches = self.run.pipeline.batches(epoch, first) if first else self.run.pipeline.batches(epoch)
             for i, (views, labels) in enumerate(batches, start=first):
@@ -270,8 +293,10 @@ class _Loop:
         signum = self.stop.agreed()
         if signum:
             self.step_checkpoint(epoch, done)
-            message = (f"stopped by {signal_name(signum)} after step {done}: checkpoint "
-                       f"{ckpt.step_dir(self.out, done)}; rerun the same command to resume")
+            message = (
+                f"stopped by {signal_name(signum)} after step {done}: checkpoint "
+                f"{ckpt.step_dir(self.out, done)}; rerun the same command to resume"
+            )
             if self.cfg.checkpoint.requeue and self.accelerator.is_main_process:
                 message += f"; {requeue()}"
             # Printed and requeued before the last barrier: once one rank exits, torchrun terminates the others.
@@ -289,8 +314,15 @@ class _Loop:
         lr = run.schedule.lr(step)
         apply_lr(run.optimizer, lr, run.schedule.peak)
         with feature_tap(run.inner.backbone) if run.online else nullcontext([]) as taps:
-            names, values = train_step(run.method, run.optimizer, self.accelerator, views, step,
-                                       run.schedule.total_steps, cfg.train.max_grad_norm)
+            names, values = train_step(
+                run.method,
+                run.optimizer,
+                self.accelerator,
+                views,
+                step,
+                run.schedule.total_steps,
+                cfg.train.max_grad_norm,
+            )
         if run.online is not None:
             # Detached features of the two global views only (their rows come first: the methods run the views in
             # order), not augment.local_crops' small crops; every process trains the same probe on the global rows.
@@ -308,8 +340,13 @@ class _Loop:
         self.raise_if_non_finite()
         metrics = global_metrics(self.accelerator, names, values)
         elapsed = time.perf_counter() - self.interval_start
-        self.last = {"epoch": epoch + 1, "step": step + 1, "lr": lr, **metrics,
-                     "images_per_s": self.interval_steps * self.cfg.train.batch_size / max(elapsed, 1e-9)}
+        self.last = {
+            "epoch": epoch + 1,
+            "step": step + 1,
+            "lr": lr,
+            **metrics,
+            "images_per_s": self.interval_steps * self.cfg.train.batch_size / max(elapsed, 1e-9),
+        }
         if "z_std" in metrics and self.alarm.update(metrics["z_std"]):
             self.last["collapse_alarm"] = True
             self.accelerator.print(self.alarm.message(metrics["z_std"]))
@@ -326,7 +363,8 @@ class _Loop:
         raise NonFiniteLossError(
             f"loss is {value} at step {bad} (epoch {(bad - 1) // self.run.steps_per_epoch + 1}); training "
             f"stopped. Newest good checkpoint: {ckpt.latest_checkpoint(self.out) or 'none'}. Lower "
-            "optim.base_lr or use train.max_grad_norm")
+            "optim.base_lr or use train.max_grad_norm"
+        )
 
     def end_epoch(self, done: int) -> None:
         """The monitor runs before the checkpoint: a run stopped between the two resumes from the previous
@@ -363,8 +401,12 @@ class _Loop:
     def checkpoint(self, name: str, epoch: int, step: int) -> None:
         """Signals are only recorded while it is written (a second Ctrl-C included): it completes or, killed,
         leaves a .tmp- directory that never counts."""
-        state = {"epoch": epoch, "step": step,
-                 "model_signature": ckpt.model_signature(self.cfg), "collapse_alarm": self.alarm.state_dict()}
+        state = {
+            "epoch": epoch,
+            "step": step,
+            "model_signature": ckpt.model_signature(self.cfg),
+            "collapse_alarm": self.alarm.state_dict(),
+        }
         self.stop.writing = True
         try:
             staged = ckpt.stage_checkpoint(self.accelerator, self.out, state, name)
