@@ -7,16 +7,13 @@ rank agrees: it prints the hash) and then with its own.
 """
 
 import json
-import os
-import re
-import subprocess
 import sys
 
 import pytest
 
 from batchssl.config import DEFAULT_RECIPE, load_config
 from batchssl.consistency import check_same_config, code_version, config_hash, describe_mismatch, flat_config
-from helpers import REPO, free_port
+from helpers import REPO, run_entry
 
 
 def entry(code="git abc", **config):
@@ -66,30 +63,21 @@ def test_one_process_only_hashes():
 
 
 @pytest.mark.slow
-def test_two_processes_with_different_overrides_stop_with_one_line_naming_the_keys():
+def test_two_processes_with_different_overrides_stop_with_one_line_naming_the_keys(tmp_path):
     per_rank = [["train.epochs=1"], ["train.epochs=2", "seed=3"]]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        str(REPO / "tests" / "test_consistency.py"),
-        json.dumps(per_rank),
-    ]
-    result = subprocess.run(
-        cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
+    # Each rank's stdout and stderr in files of their own (torchrun --redirects): on one shared pipe their lines
+    # can interleave.
+    script = REPO / "tests" / "test_consistency.py"
+    redirects = ["--log-dir", tmp_path, "--redirects", "3"]
+    result = run_entry(*redirects, script, json.dumps(per_rank), launcher="torchrun", timeout=120, check=False)
     assert result.returncode != 0
+    logs = {name: sorted(tmp_path.glob(f"**/{name}.log")) for name in ("stdout", "stderr")}
+    assert len(logs["stdout"]) == len(logs["stderr"]) == 2, logs
+    lines = {name: [line for log in files for line in log.read_text().splitlines()] for name, files in logs.items()}
     # The same config on both: both ranks print the same hash before the second, differing check.
-    # Found anywhere in the output: the two ranks share one stdout pipe, and their lines can interleave.
-    hashes = re.findall(r"[0-9a-f]{64}", result.stdout)
+    hashes = [line.split()[1] for line in lines["stdout"] if line.startswith("same ")]
     assert len(hashes) == 2 and hashes[0] == hashes[1]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("same_config: error:")]
+    errors = [line for line in lines["stderr"] if line.startswith("same_config: error:")]
     assert len(errors) == 2  # every rank stops, each with the same one line
     assert errors[0] == errors[1]
     assert "seed (0 on rank 0, 3 on rank 1); train.epochs (1 on rank 0, 2 on rank 1)." in errors[0]

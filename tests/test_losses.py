@@ -7,7 +7,8 @@ import torch
 
 import batchssl.methods.mocov3 as mocov3
 from batchssl.config import BatchFormerConfig, MethodConfig
-from batchssl.methods.mocov3 import MoCoV3, contrastive_loss, moco_momentum
+from batchssl.methods.mocov3 import MoCoV3, contrastive_loss
+from batchssl.methods.momentum import moco_momentum
 from batchssl.methods.simsiam import SimSiam
 
 

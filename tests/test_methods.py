@@ -3,9 +3,6 @@ formula, the parts each method owns (stop-gradient targets, rank offsets, DINO's
 frozen last layer), the BatchFormer streams, and the gathered losses on two processes against one (torchrun)."""
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,7 +16,7 @@ from batchssl.methods.byol import BYOL, byol_regression
 from batchssl.methods.dino import dino_loss, teacher_temperature
 from batchssl.methods.simclr import nt_xent
 from batchssl.methods.vicreg import vicreg_loss
-from helpers import REPO, free_port
+from helpers import REPO, run_entry
 
 NEW = ["byol", "simclr", "barlowtwins", "vicreg", "dino"]
 
@@ -231,27 +228,8 @@ def test_gathered_losses_and_methods_on_two_processes_equal_one(tmp_path):
     centre, against references this process computes on the whole batch (tests/helpers/methods_2proc.py)."""
     script = REPO / "tests" / "helpers" / "methods_2proc.py"
     reference = tmp_path / "reference.pt"
-    subprocess.run([sys.executable, str(script), str(reference)], check=True, timeout=300)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(free_port()),
-            str(script),
-            str(reference),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=400,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    run_entry(script, reference, timeout=300)
+    result = run_entry(script, reference, launcher="torchrun", timeout=400, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("ok ") == 3 * 2 + 5, result.stdout
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from batchssl.config import MethodConfig, OptimConfig, load_config
 from batchssl.files import atomic_write, temp_path
-from batchssl.methods.mocov3 import moco_momentum
+from batchssl.methods.momentum import moco_momentum
 from batchssl.optim import LARS, apply_lr, scheduled_lr, warmup_cosine
 
 

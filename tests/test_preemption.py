@@ -6,7 +6,6 @@ import errno
 import os
 import signal
 
-import numpy as np
 import pytest
 from accelerate import Accelerator
 
@@ -16,27 +15,19 @@ from batchssl.config import load_config
 from batchssl.errors import UserError
 from batchssl.preemption import EXIT_BASE, Stopped, parse_signals
 from batchssl.train import Callback, train
-from helpers import REPO, knn_lines, own_process_state, step_lines, step_losses
+from helpers import REPO, fake_fashion_mnist_split, knn_lines, own_process_state, step_lines, step_losses
+from helpers import SHRUNK as SHRUNK_DEFAULT
 
 # 64 fake images in batches of 16: 4 steps an epoch, 2 epochs, a kNN line and an epoch checkpoint each epoch.
 SHRUNK = [
-    "train.epochs=2",
-    "train.batch_size=16",
-    "train.log_every_n_steps=1",
-    "data.image_size=16",
-    "model.width=0.125",
-    "method.proj_hidden_dim=64",
-    "method.proj_dim=32",
+    *SHRUNK_DEFAULT,
     "monitor.every_n_epochs=1",
     "checkpoint.every_n_epochs=1",
     "checkpoint.keep_last=10",
 ]
 
 
-def fake_split(cfg, split):
-    rng = np.random.default_rng(1 if split == "test" else 0)
-    n = 32 if split == "test" else 64
-    return data.ArrayImages(rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), np.arange(n) % 10)
+fake_split = fake_fashion_mnist_split(64)
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ the run directory it leaves is the contract the evaluators, resume and the repor
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState
@@ -15,17 +14,9 @@ from batchssl.checkpoint import complete_checkpoints, load_backbone, load_backbo
 from batchssl.config import load_config, load_run_config, to_dict
 from batchssl.optim import peak_lr, warmup_cosine
 from batchssl.train import Callback
-from helpers import REPO, read_metrics, step_losses
+from helpers import REPO, SHRUNK, fake_fashion_mnist_split, read_metrics, step_losses
 
-NUM_IMAGES = {"pretrain": 32, "train": 32, "test": 32}
-
-
-def fake_split(cfg, split):
-    """Random uint8 28 x 28 images, labels 0..9 in turn; the training split (pretraining and the kNN bank) and the
-    test split are different images."""
-    rng = np.random.default_rng(1 if split == "test" else 0)
-    n = NUM_IMAGES[split]
-    return data.ArrayImages(rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), np.arange(n) % 10)
+fake_split = fake_fashion_mnist_split(32)  # 2 steps of 16 an epoch
 
 
 @pytest.fixture
@@ -40,19 +31,6 @@ def fake_fashion_mnist(monkeypatch):
 
     monkeypatch.setattr(data, "load_split", load_split)
     return asked
-
-
-# The default recipe shrunk to take seconds: 32 images of 16 px in batches of 16 (2 steps an epoch), a 1/8-width
-# ResNet-18 with small heads.
-SHRUNK = [
-    "train.epochs=2",
-    "train.batch_size=16",
-    "train.log_every_n_steps=1",
-    "data.image_size=16",
-    "model.width=0.125",
-    "method.proj_hidden_dim=64",
-    "method.proj_dim=32",
-]
 
 
 def test_final_lr_ratio_and_momentum_final_move_the_schedules_ends(tmp_path, fake_fashion_mnist, own_process_state):

@@ -38,6 +38,34 @@ TINY = [
 LAUNCHERS = ("python", "torchrun", "accelerate")
 
 
+# The default recipe shrunk to take seconds in process: 16 px images in batches of 16, a 1/8-width ResNet-18 with
+# small heads, two epochs. With `fake_fashion_mnist_split` it reads nothing from disk.
+SHRUNK = [
+    "train.epochs=2",
+    "train.batch_size=16",
+    "train.log_every_n_steps=1",
+    "data.image_size=16",
+    "model.width=0.125",
+    "method.proj_hidden_dim=64",
+    "method.proj_dim=32",
+]
+
+
+def fake_fashion_mnist_split(train_images: int, test_images: int = 32):
+    """A stand-in for `batchssl.data.load_split`: random uint8 28 x 28 images, labels 0..9 in turn, `train_images`
+    in the training split (pretraining and the kNN bank) and `test_images` other images in the test split."""
+    import numpy as np
+
+    from batchssl.data import ArrayImages
+
+    def load_split(cfg, split):
+        rng = np.random.default_rng(1 if split == "test" else 0)
+        n = test_images if split == "test" else train_images
+        return ArrayImages(rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), np.arange(n) % 10)
+
+    return load_split
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

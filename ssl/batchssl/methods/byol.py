@@ -12,19 +12,14 @@ projections of the original images (the target network has no BatchFormer).
 
 from __future__ import annotations
 
-import copy
-
-import torch
 import torch.nn.functional as F
 from lightly.models.modules.heads import BYOLPredictionHead, BYOLProjectionHead
-from lightly.models.utils import update_momentum
 from torch import Tensor, nn
 
-from batchssl.batchformer import cross_view_loss, two_stream_loss
+from batchssl.batchformer import cross_view_loss
 from batchssl.config import BatchFormerConfig, MethodConfig
-from batchssl.methods.base import SSLMethod, upcast
-from batchssl.methods.mocov3 import moco_momentum
-from batchssl.views import GLOBAL_VIEWS
+from batchssl.methods.base import upcast
+from batchssl.methods.momentum import MomentumTargetMethod
 
 
 def byol_regression(p: Tensor, z: Tensor) -> Tensor:
@@ -32,30 +27,17 @@ def byol_regression(p: Tensor, z: Tensor) -> Tensor:
     return (2 - 2 * F.cosine_similarity(upcast(p), upcast(z.detach()), dim=-1)).mean()
 
 
-class BYOL(SSLMethod):
+class BYOL(MomentumTargetMethod):
     def __init__(self, backbone: nn.Module, feature_dim: int, cfg: MethodConfig, batchformer: BatchFormerConfig):
         super().__init__(backbone, feature_dim, batchformer)
         self.m0, self.m_final = cfg.momentum, cfg.momentum_final
         # Linear-BN-ReLU-Linear (the paper's 4096 -> 256 MLPs; hidden widths from the config)
         self.projector = BYOLProjectionHead(feature_dim, cfg.proj_hidden_dim, cfg.proj_dim)
         self.predictor = BYOLPredictionHead(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim)
-        self.backbone_momentum = copy.deepcopy(backbone).requires_grad_(False)
-        self.projector_momentum = copy.deepcopy(self.projector).requires_grad_(False)
+        self._add_momentum_branch()
         self._add_batchformer(cfg.proj_dim)
 
     @staticmethod
     def loss(predictions: list[Tensor], targets: list[Tensor]) -> Tensor:
         """l(p1, z2') + l(p2, z1') for two views; with local crops, 2 x the mean over prediction i, target j != i."""
         return len(targets) * cross_view_loss(byol_regression, predictions, targets)
-
-    def forward(self, views: list[Tensor], step: int = 0, total_steps: int = 1) -> dict[str, Tensor]:
-        n = views[0].shape[0]
-        m = moco_momentum(step, total_steps, self.m0, self.m_final)
-        z = self.project(views)
-        with torch.no_grad():
-            if self.training:
-                update_momentum(self.backbone, self.backbone_momentum, m)
-                update_momentum(self.projector, self.projector_momentum, m)
-            targets = [self.projector_momentum(self.backbone_momentum(x)) for x in views[:GLOBAL_VIEWS]]
-        out = two_stream_loss(self.loss, [self.predictor(x) for x in z], targets, self.bf_cfg.weight)
-        return {**out, "z_std": self.z_std(z[0][:n]), "momentum": torch.tensor(m)}

@@ -30,7 +30,7 @@ from batchssl.batchformer import two_stream_loss
 from batchssl.config import BatchFormerConfig, MethodConfig
 from batchssl.distributed import all_reduce_with_grad, world_size
 from batchssl.methods.base import SSLMethod, upcast
-from batchssl.methods.mocov3 import moco_momentum
+from batchssl.methods.momentum import moco_momentum
 from batchssl.views import GLOBAL_VIEWS
 
 

@@ -9,24 +9,15 @@ keys of the global views but its own: ctr averaged over those pairs, times 2 (th
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
-from lightly.models.utils import update_momentum
 from torch import Tensor, nn
 
-from batchssl.batchformer import cross_view_loss, two_stream_loss
+from batchssl.batchformer import cross_view_loss
 from batchssl.config import BatchFormerConfig, MethodConfig
 from batchssl.distributed import all_gather_no_grad, rank
-from batchssl.methods.base import SSLMethod, mlp, upcast
-from batchssl.optim import warmup_cosine
-from batchssl.views import GLOBAL_VIEWS
-
-
-def moco_momentum(step: int, total_steps: int, m0: float, final: float = 1.0) -> float:
-    """m0 at step 0, a half cosine up to `final` (the paper's 1) at the last step."""
-    return warmup_cosine(step, total_steps, 0, m0, end=final)
+from batchssl.methods.base import mlp, upcast
+from batchssl.methods.momentum import MomentumTargetMethod
 
 
 def contrastive_loss(q: Tensor, k: Tensor, temperature: float) -> Tensor:
@@ -38,7 +29,7 @@ def contrastive_loss(q: Tensor, k: Tensor, temperature: float) -> Tensor:
     return F.cross_entropy(logits, labels) * (2.0 * temperature)
 
 
-class MoCoV3(SSLMethod):
+class MoCoV3(MomentumTargetMethod):
     def __init__(self, backbone: nn.Module, feature_dim: int, cfg: MethodConfig, batchformer: BatchFormerConfig):
         super().__init__(backbone, feature_dim, batchformer)
         self.temperature, self.m0, self.m_final = cfg.temperature, cfg.momentum, cfg.momentum_final
@@ -46,22 +37,9 @@ class MoCoV3(SSLMethod):
         # The predictor's output BN only for ViT, as the official code builds it.
         self.predictor = mlp(cfg.proj_dim, cfg.proj_hidden_dim, cfg.proj_dim, 2, last_bn=cfg.pred_last_bn)
         # The momentum branch never has BatchFormer: keys stay the original ones.
-        self.backbone_momentum = copy.deepcopy(backbone).requires_grad_(False)
-        self.projector_momentum = copy.deepcopy(self.projector).requires_grad_(False)
+        self._add_momentum_branch()
         self._add_batchformer(cfg.proj_dim)
 
     def loss(self, queries: list[Tensor], keys: list[Tensor]) -> Tensor:
         """ctr(q1, k2) + ctr(q2, k1) for two views; with more, 2 x the mean over query i, key j, i != j."""
         return len(keys) * cross_view_loss(lambda q, k: contrastive_loss(q, k, self.temperature), queries, keys)
-
-    def forward(self, views: list[Tensor], step: int = 0, total_steps: int = 1) -> dict[str, Tensor]:
-        n = views[0].shape[0]
-        m = moco_momentum(step, total_steps, self.m0, self.m_final)
-        z = self.project(views)
-        with torch.no_grad():
-            if self.training:
-                update_momentum(self.backbone, self.backbone_momentum, m)
-                update_momentum(self.projector, self.projector_momentum, m)
-            keys = [self.projector_momentum(self.backbone_momentum(x)) for x in views[:GLOBAL_VIEWS]]
-        out = two_stream_loss(self.loss, [self.predictor(x) for x in z], keys, self.bf_cfg.weight)
-        return {**out, "z_std": self.z_std(z[0][:n]), "momentum": torch.tensor(m)}
