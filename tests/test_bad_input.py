@@ -253,3 +253,15 @@ def test_imagefolder_problems_are_one_line(case, tmp_path):
         ],
     )
     assert expected in line
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_gpu_decode_without_cuda_is_one_line(tmp_path):
+    """data.decode=gpu on a machine (or a launch) without a CUDA device says what to pass, before training."""
+    root = tmp_path / "data"
+    _imagefolder(root, {"cat": [f"{i}.jpg" for i in range(4)], "dog": [f"{i}.jpg" for i in range(4)]})
+    args = ["data.name=imagefolder", f"data.root={root}", "data.image_size=32", "data.num_workers=0"]
+    args += ["train.batch_size=4", "model.width=0.25", "monitor.enabled=false", f"output_dir={tmp_path / 'run'}"]
+    line = refused("pretrain.py", [*args, "data.decode=gpu"])
+    assert "data.decode=gpu decodes JPEGs on a CUDA training device" in line and "pass data.decode=cpu" in line
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -8,13 +8,24 @@ import pytest
 import torch
 from PIL import Image
 
-from batchssl.decode import UnreadableImageError, dct_factor, decode, decode_crops, image_size, read_file
+from batchssl.decode import (
+    UnreadableImageError,
+    dct_factor,
+    decode,
+    decode_crops,
+    decode_crops_on_device,
+    device_decodable,
+    image_size,
+    read_file,
+)
 from batchssl.views import crop_boxes
 from benchmarks.make_photo_folder import source_photos
 
 # Reduced-scale decode + crop vs full decode + crop, uint8 levels: the mean absolute difference of a crop stays
 # under CROP_TOLERANCE, and over many crops under MEAN_TOLERANCE (measured on the three photos: 0.4-1.6 on
-# average, 3.5 at worst, at 32-160 px; the differences are the DCT filter's, at edges).
+# average, 3.5 at worst, at 32-160 px; the differences are the DCT filter's, at edges). The device decode
+# (data.decode gpu) is held to the same bounds against full decode + crop (on the CPU: 0.1-0.2 on average, a level
+# at worst; nvJPEG's colour conversion and chroma upsampling may differ from libjpeg-turbo's by a few levels).
 CROP_TOLERANCE, MEAN_TOLERANCE = 5.0, 2.0
 
 
@@ -155,3 +166,55 @@ def test_bad_files_are_named(tmp_path):
         read_file(str(empty))
     with pytest.raises(UnreadableImageError, match="missing.jpg"):
         read_file(str(tmp_path / "missing.jpg"))
+
+
+def random_boxes(height: int, width: int, n: int, seed: int) -> list:
+    """n torchvision-distributed RandomResizedCrop boxes (top, left, height, width) of an image."""
+    generator = torch.Generator().manual_seed(seed)
+    draws = [torch.rand(n, 10, generator=generator) for _ in range(2)]
+    draws += [torch.rand(n, generator=generator) for _ in range(2)]
+    top, left, h, w, _ = crop_boxes(*draws, height, width, (0.08, 1.0))
+    return torch.stack([top, left, h, w], dim=1).tolist()
+
+
+@pytest.mark.parametrize("name", ["china", "flower", "grace_hopper"])
+def test_device_decode_is_within_tolerance_of_full_decode(name):
+    """decode_crops_on_device (run here on the CPU, torchvision's decoder) against decode_crops(reduce=False),
+    two views of different sizes per image, several images in one batched call."""
+    data = source_photos()[name].read_bytes()
+    assert device_decodable(data)
+    height, width = image_size(data, name)
+    boxes = random_boxes(height, width, 12, seed=len(name))
+    pairs = [[a, b] for a, b in zip(boxes[:6], boxes[6:])]
+    sizes = [48, 24]
+    crops = decode_crops_on_device([data] * len(pairs), pairs, sizes, "cpu")
+    assert [tuple(c.shape) for c in crops] == [(6, 3, 48, 48), (6, 3, 24, 24)] and crops[0].dtype == torch.uint8
+    diffs = []
+    for i, pair in enumerate(pairs):
+        full = decode_crops(data, pair, sizes, name, reduce=False)
+        for v in range(2):
+            diffs.append(np.abs(crops[v][i].permute(1, 2, 0).numpy().astype(float) - full[v]).mean())
+    assert max(diffs) < CROP_TOLERANCE, diffs
+    assert np.mean(diffs) < MEAN_TOLERANCE, diffs
+
+
+def test_only_whole_ycbcr_and_gray_jpegs_go_to_the_device():
+    base = photo()
+    assert device_decodable(encoded(base, "JPEG")) and device_decodable(encoded(base.convert("L"), "JPEG"))
+    assert device_decodable(encoded(base, "JPEG", progressive=True))  # nvJPEG decodes progressive JPEGs
+    assert not device_decodable(encoded(base.convert("CMYK"), "JPEG"))  # nvJPEG has no CMYK / YCCK
+    assert not device_decodable(encoded(base, "PNG"))
+    assert not device_decodable(encoded(base, "JPEG")[:-500])  # truncated: the worker names it
+
+
+def test_device_decode_falls_back_for_files_its_decoder_refuses(tmp_path):
+    """A file torchvision's decoder refuses fails its whole batched call: the others are decoded one by one and
+    the refused one by this process's CPU decoder; an unreadable file is named."""
+    jpeg, png = encoded(photo(), "JPEG", quality=95), encoded(photo(), "PNG")
+    box = [[(10, 20, 80, 100)]]
+    crops = decode_crops_on_device([jpeg, png], box * 2, 32, "cpu", names=["a.jpg", "b.png"])[0]
+    expected = [decode_crops(d, box[0], 32, "x", reduce=False)[0] for d in (jpeg, png)]
+    for got, want in zip(crops, expected):
+        assert np.abs(got.permute(1, 2, 0).numpy().astype(float) - want).mean() < CROP_TOLERANCE
+    with pytest.raises(UnreadableImageError, match="junk.jpg"):
+        decode_crops_on_device([jpeg, b"\xff\xd8\xff not a jpeg"], box * 2, 32, "cpu", names=["a.jpg", "junk.jpg"])

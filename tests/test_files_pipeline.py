@@ -13,7 +13,13 @@ from scipy.stats import ks_2samp
 from batchssl.config import load_config
 from batchssl.data import dataset_info
 from batchssl.errors import UserError
-from batchssl.filepipeline import StepCrops, build_split_pipeline, image_folder_source
+from batchssl.filepipeline import (
+    SplitPipeline,
+    StepCrops,
+    build_split_pipeline,
+    decode_on_device,
+    image_folder_source,
+)
 from batchssl.views import view_specs
 from benchmarks.make_photo_folder import build
 
@@ -187,3 +193,93 @@ def test_split_pipeline_is_for_files_only():
     cfg = load_config(None, ["data.pipeline=split"])
     with pytest.raises(UserError, match="data.pipeline=split reads image files; fashion_mnist is held in memory"):
         build_split_pipeline(cfg, dataset_info(cfg.data), torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def mixed(photos, tmp_path_factory):
+    """The photos with one training file a CMYK JPEG and one a PNG: rows the device decode leaves to the workers."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("mixed") / "photos"
+    shutil.copytree(photos, root)
+    files = sorted((root / "train").rglob("*.jpg"))
+    Image.open(files[1]).convert("CMYK").save(files[1], "JPEG")  # still named .jpg
+    Image.open(files[2]).save(files[2].with_suffix(".png"))
+    files[2].unlink()
+    return root
+
+
+def device_decode_pipeline(cfg, rank: int = 0, world: int = 1) -> SplitPipeline:
+    """data.decode gpu's pipeline with the device decode on the CPU (torchvision decodes there too); the builder
+    refuses gpu without CUDA, so it is built directly."""
+    return SplitPipeline(
+        cfg, dataset_info(cfg.data), image_folder_source(cfg), torch.device("cpu"), rank, world, device_decode=True
+    )
+
+
+def test_device_decode_has_the_cpu_paths_boxes_and_close_pixels(mixed):
+    """data.decode gpu: the same boxes from the same (seed, epoch, step) stream, the rows nvJPEG cannot take
+    decoded by the worker exactly as on the CPU path, the others within test_decode's tolerance of it."""
+    from batchssl.decode import image_size
+    from test_decode import CROP_TOLERANCE
+
+    cfg = config(mixed, "augment.local_crops=1")
+    cpu = build_split_pipeline(cfg, dataset_info(cfg.data), torch.device("cpu"))
+    gpu = device_decode_pipeline(cfg)
+    left_to_workers = set()
+    for epoch, step in [(0, 0), (0, 1), (1, 0)]:
+        cpu_crops, cpu_labels = cpu.crops[(epoch, step)]
+        worker_crops, labels, encoded = gpu.crops[(epoch, step)]
+        assert torch.equal(labels, cpu_labels)
+        files = [cpu.crops.source.read(r) for r in cpu.crops.rows(epoch, step).tolist()]
+        sizes = torch.tensor([image_size(data, name) for data, name, _ in files])
+        boxes = cpu.crops.boxes(epoch, step, sizes[:, 0], sizes[:, 1])
+        assert torch.equal(encoded.boxes, boxes[encoded.rows])
+        assert encoded.names == [files[i][1] for i in encoded.rows.tolist()]
+        assert sorted(encoded.rows.tolist() + encoded.worker_rows.tolist()) == list(range(len(files)))
+        left_to_workers |= {files[i][1] for i in encoded.worker_rows.tolist()}
+        for v, worker_part in enumerate(worker_crops):
+            assert torch.equal(worker_part, cpu_crops[v][encoded.worker_rows])
+        merged = gpu._merge(worker_crops, encoded)
+        for v, (a, b) in enumerate(zip(merged, cpu_crops)):
+            assert a.shape == b.shape and a.dtype == torch.uint8
+            per_crop = (a.double() - b.double()).abs().flatten(1).mean(1)
+            assert per_crop.max() < CROP_TOLERANCE, (v, per_crop)
+    # The CMYK JPEG and the PNG (each epoch sees every file once), and nothing else.
+    assert len(left_to_workers) == 2 and any(name.endswith(".png") for name in left_to_workers)
+
+
+def test_device_decode_one_process_equals_the_rows_of_two(mixed):
+    cfg = config(mixed)
+    one = device_decode_pipeline(cfg)
+    crops, _, encoded = one.crops[(0, 1)]
+    views_one = one.render(crops, 0, 1, encoded)
+    for rank in range(2):
+        two = device_decode_pipeline(cfg, rank, 2)
+        crops, _, encoded = two.crops[(0, 1)]
+        for v1, v2 in zip(views_one, two.render(crops, 0, 1, encoded)):
+            torch.testing.assert_close(v1[rank::2], v2, rtol=0, atol=1e-5)
+
+
+def test_device_decode_through_loader_workers(mixed):
+    """The encoded rows travel through 2 loader workers: the epoch's batches equal the main process's."""
+    main = list(device_decode_pipeline(config(mixed)).batches(1))
+    got = list(device_decode_pipeline(config(mixed, "data.num_workers=2")).batches(1))
+    assert len(got) == len(main) == 2
+    for (views_a, labels_a), (views_b, labels_b) in zip(main, got):
+        assert torch.equal(labels_a, labels_b) and [tuple(v.shape) for v in views_a] == [(8, 3, SIZE, SIZE)] * 2
+        for a, b in zip(views_a, views_b):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_data_decode_setting(photos):
+    cpu = torch.device("cpu")
+    assert decode_on_device("auto", cpu) is False and decode_on_device("cpu", cpu) is False
+    with pytest.raises(UserError, match="data.decode=gpu decodes JPEGs on a CUDA training device.*data.decode=cpu"):
+        decode_on_device("gpu", cpu)
+    assert config(photos).data.decode == "auto"
+    for bad in (["data.decode=gpu", "data.name=fashion_mnist"], ["data.decode=gpu", "data.pipeline=workers"]):
+        with pytest.raises(UserError, match="data.decode=gpu decodes image files in data.pipeline=split"):
+            config(photos, *bad)
+    with pytest.raises(UserError, match="data.decode"):
+        config(photos, "data.decode=nvjpeg")

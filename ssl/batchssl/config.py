@@ -39,6 +39,10 @@ class DataConfig:
     # the rest (batchssl.filepipeline); workers = lightly's per-sample transforms in loader workers;
     # auto = device for in-memory datasets, split for image files.
     pipeline: Literal["auto", "device", "split", "workers"] = "auto"
+    # Where data.pipeline=split decodes JPEGs: cpu = loader workers (at reduced DCT scale); gpu = the training
+    # process, batched with nvJPEG on the CUDA device (workers only read files and draw crop boxes; for when the
+    # workers cannot keep up); auto = gpu when training on a CUDA device whose torchvision decodes JPEGs, else cpu.
+    decode: Literal["auto", "cpu", "gpu"] = "auto"
     shuffle_buffer: int = 1000  # data.name shards: images in each process's shuffle buffer
     image_size: int | None = None  # None: the dataset's natural size (28, 32, 96, 224)
     # Long-tailed pretraining split: class c of C keeps its first int(n_max * ratio^(-c / (C - 1))) images
@@ -395,6 +399,11 @@ def validate(cfg: Config) -> None:
         (d.num_workers >= 0, "data.num_workers must be >= 0"),
         (d.image_size is None or d.image_size >= 8, "data.image_size must be >= 8 pixels or null"),
         (d.imbalance_ratio >= 1 and _finite(d.imbalance_ratio), "data.imbalance_ratio must be >= 1 (1: balanced)"),
+        (
+            d.decode != "gpu" or (d.name in ("imagefolder", "shards") and d.pipeline in ("auto", "split")),
+            f"data.decode=gpu decodes image files in data.pipeline=split (data.name imagefolder or shards); "
+            f"this run has data.name={d.name} data.pipeline={d.pipeline}: remove data.decode=gpu",
+        ),
         (a.min_scale is None or 0 < a.min_scale <= 1, "augment.min_scale must be in (0, 1]"),
         (0 <= a.hflip <= 1, "augment.hflip must be a probability in [0, 1]"),
         (a.color_jitter >= 0 and _finite(a.color_jitter), "augment.color_jitter must be >= 0"),

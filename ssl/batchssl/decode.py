@@ -20,18 +20,39 @@ ImageNet-style datasets are stored upright. Rotate phone photos upright before t
 (e.g. PIL.ImageOps.exif_transpose once, when building the folder).
 
 Errors: a file that cannot be read or decoded raises UnreadableImageError naming it (one line, exit 2).
+
+On a GPU (data.decode gpu, or auto on CUDA): `decode_crops_on_device` decodes a step's JPEGs in one batched
+`torchvision.io.decode_jpeg(list, device="cuda")` call (nvJPEG: baseline JPEGs batched on the A100/H100/H200
+hardware decoder, progressive ones by nvJPEG's GPU-assisted software path) at full scale, then cuts each box and
+resizes it with F.interpolate(bilinear, antialias=True), the tensor form of the same filter (torchvision's
+resized_crop on tensors). Why torchvision and not NVIDIA DALI's "mixed" decoder (fn.decoders.image, or
+image_random_crop that decodes only the crop's region): torchvision is already pinned, its call takes our own crop
+boxes (DALI draws its own crops in its own pipeline graph, which would break the (seed, epoch, step, position)
+stream) and it needs no new multi-hundred-MB dependency whose wheels follow the CUDA version. DALI decodes more
+formats on the GPU and fuses ROI decoding; worth a look only if gpu_check.sh shows the decode as the step's
+bottleneck. torchvision 0.29 marks its image decoders deprecated in favour of TorchCodec: the call is one line
+here to swap when the pin moves. nvJPEG takes YCbCr and grayscale JPEGs (not CMYK/YCCK, nor Adobe RGB-coded
+ones, nor arithmetic coding), so `device_decodable` sends only those to the device; the rest, and a file whose
+data does not end with the JPEG end marker (truncated, or with trailing bytes), are decoded by the loader worker
+as above. A batch nvJPEG still refuses (one bad file fails the whole call) is retried image by image, and an
+image it refuses alone is decoded on the CPU here, which names it if it is unreadable.
 """
 
 from __future__ import annotations
 
 import io
 import math
+import warnings
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from batchssl.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where the device path runs: the file converter and workers need only PIL
+    import torch
 
 DCT_FACTORS = (8, 4, 2, 1)
 Box = tuple[int, int, int, int]  # top, left, height, width in full-image pixels
@@ -147,3 +168,71 @@ def read_file(path: str) -> bytes:
     if not data:
         raise UnreadableImageError(f"cannot read image {path}: the file is empty (0 bytes)")
     return data
+
+
+def device_decodable(data: bytes) -> bool:
+    """Whether nvJPEG can decode this file to RGB: a whole (end marker last) YCbCr or grayscale JPEG."""
+    if simplejpeg is None or not _is_jpeg(data) or data[-2:] != b"\xff\xd9":
+        return False
+    try:
+        return simplejpeg.decode_jpeg_header(data)[2] in ("YCbCr", "Gray")
+    except ValueError:
+        return False
+
+
+def decode_jpegs(datas: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Encoded JPEGs (uint8 (bytes,) CPU tensors) as uint8 (3, H, W) RGB on `device`, in one torchvision call."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():  # torchvision 0.29 warns at every call that TorchCodec will take over
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return decode_jpeg(list(datas), mode=ImageReadMode.RGB, device=device)
+
+
+def decode_crops_on_device(
+    datas: Sequence[bytes | torch.Tensor],
+    boxes,
+    sizes: int | Sequence[int],
+    device: torch.device | str,
+    names: Sequence[str] | None = None,
+) -> list[torch.Tensor]:
+    """Each view's crops of n encoded JPEGs decoded together on `device`: one uint8 (n, 3, S_v, S_v) per view.
+
+    boxes: (n, views, 4) (top, left, height, width) in full-image pixels; sizes: one output size or one per view;
+    names: the files, for error messages. Works on any device torchvision decodes on (the CPU included)."""
+    import torch
+
+    device = torch.device(device)
+    boxes = torch.as_tensor(boxes).tolist()
+    views = len(boxes[0]) if boxes else (1 if isinstance(sizes, int) else len(sizes))
+    sizes = [sizes] * views if isinstance(sizes, int) else list(sizes)
+    names = list(names) if names is not None else [f"image {i}" for i in range(len(datas))]
+    datas = [d if isinstance(d, torch.Tensor) else torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+    try:
+        images = decode_jpegs(datas, device)
+    except RuntimeError:  # one file nvJPEG refuses fails the whole call: find it, decode it here
+        images = [_decode_one(data, name, device) for data, name in zip(datas, names)]
+    crops: list[list[torch.Tensor]] = [[] for _ in sizes]
+    for image, image_boxes in zip(images, boxes):
+        image = image.unsqueeze(0).float()
+        for v, ((top, left, h, w), size) in enumerate(zip(image_boxes, sizes)):
+            # Integer boxes at full scale: the crop is a slice; the filter reads only inside it, as PIL's.
+            crop = image[:, :, top : top + h, left : left + w]
+            crops[v].append(torch.nn.functional.interpolate(crop, (size, size), mode="bilinear", antialias=True))
+    return [
+        torch.cat(c).round_().clamp_(0, 255).to(torch.uint8)
+        if c
+        else torch.empty(0, 3, size, size, dtype=torch.uint8, device=device)
+        for c, size in zip(crops, sizes)
+    ]
+
+
+def _decode_one(data: torch.Tensor, name: str, device: torch.device) -> torch.Tensor:
+    """(3, H, W) uint8 on `device`: nvJPEG alone, else this process's CPU decoder (which names a bad file)."""
+    import torch
+
+    try:
+        return decode_jpegs([data], device)[0]
+    except RuntimeError:
+        array, _ = decode(data.numpy().tobytes(), name)
+        return torch.tensor(array).permute(2, 0, 1).to(device)  # a copy: PIL's arrays are read-only
