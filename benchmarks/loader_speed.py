@@ -12,6 +12,11 @@
 --train instead times pretrain.py end to end (median images/s of its logged intervals) with data.pipeline=split
 and data.pipeline=workers, a ResNet-18 at width 0.25 so that the loader is the bottleneck.
 
+--decode cpu gpu instead times the split pipeline as the trainer consumes it, with no model: pairs/s of finished
+views on the training device (CUDA when there is one) from --workers loader workers, per data.decode setting
+(cpu: workers decode and crop; gpu: workers only read and draw boxes, the device decodes with nvJPEG); the median
+of --repeats epochs after a warm-up epoch, ratio = gpu / cpu.
+
 Everything else runs in this process on one core (torch.set_num_threads(1)), as one DataLoader worker runs it; each
 figure is the median of --repeats interleaved runs, so a busy machine slows all alike; ratio = split / lightly.
 
@@ -19,6 +24,7 @@ figure is the median of --repeats interleaved runs, so a busy machine slows all 
     python benchmarks/loader_speed.py /tmp/photos                  # 96, 160, 224 px, MoCo v3 (BYOL) views
     python benchmarks/loader_speed.py /tmp/photos --sizes 224 --images 64 --repeats 3 --decoders
     python benchmarks/loader_speed.py /tmp/photos --train --sizes 96 --repeats 1   # the trainer, end to end
+    python benchmarks/loader_speed.py /tmp/photos --decode cpu gpu --sizes 224 --workers 8 --batch 128  # on a GPU
 """
 
 from __future__ import annotations
@@ -38,7 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ssl"))
 from batchssl.augment import view_transforms
 from batchssl.config import load_config
 from batchssl.data import TwoViews, dataset_info, pretrain_dataset
-from batchssl.filepipeline import StepCrops, image_folder_source
+from batchssl.errors import UserError
+from batchssl.filepipeline import StepCrops, build_split_pipeline, image_folder_source
 from batchssl.views import DeviceViews
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "imagenet" / "mocov3_r50.yaml"
@@ -153,6 +160,35 @@ def train_rates(root: str, size: int, epochs: int, workers: int, repeats: int) -
     return {name: statistics.median(r) for name, r in rates.items()}
 
 
+def device_rates(root: str, size: int, decodes: list[str], workers: int, batch: int, repeats: int) -> dict:
+    """Pairs/s of finished views on the training device per data.decode (split pipeline, no model): per setting,
+    one warm-up epoch, then the median over `repeats` epochs of (steps - 1) * batch / (last - first batch's
+    arrival), so worker start-up and the first fill of the queue are not counted."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    rates = {}
+    for decode in decodes:
+        overrides = [f"data.root={root}", f"data.image_size={size}", f"train.batch_size={batch}"]
+        cfg = load_config(RECIPE, [*overrides, f"data.num_workers={workers}", f"data.decode={decode}"])
+        try:
+            pipeline = build_split_pipeline(cfg, dataset_info(cfg.data), device)
+        except UserError as err:  # data.decode=gpu without CUDA
+            raise SystemExit(f"loader_speed.py: {err}") from None
+        if pipeline.steps_per_epoch < 3:
+            raise SystemExit(f"{root}: {pipeline.steps_per_epoch} steps of {batch} per epoch; --decode needs >= 3")
+        per_epoch = []
+        for epoch in range(repeats + 1):
+            arrivals = []
+            for _ in pipeline.batches(epoch):
+                sync()  # the views are made: the device part is counted
+                arrivals.append(time.perf_counter())
+            if epoch > 0:
+                per_epoch.append((len(arrivals) - 1) * batch / (arrivals[-1] - arrivals[0]))
+        rates[decode] = statistics.median(per_epoch)
+        del pipeline
+    return rates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", help="an ImageFolder root (train/<class>/*.jpg), e.g. from make_photo_folder.py")
@@ -167,7 +203,14 @@ def main() -> None:
         help="only the trainer's images/s end to end, per pipeline "
         "(pretrain.py, ResNet-18 x0.25, batch 32, --workers loader workers)",
     )
-    parser.add_argument("--workers", type=int, default=2, help="--train: loader workers (default 2)")
+    parser.add_argument(
+        "--decode",
+        nargs="+",
+        choices=["cpu", "gpu"],
+        help="only the split pipeline's pairs/s on the training device, per data.decode setting (no model)",
+    )
+    parser.add_argument("--batch", type=int, default=128, help="--decode: the batch size (default 128)")
+    parser.add_argument("--workers", type=int, default=2, help="--train, --decode: loader workers (default 2)")
     parser.add_argument("--epochs", type=int, default=2, help="--train: epochs per run (default 2)")
     args = parser.parse_args()
     if args.train:
@@ -178,6 +221,19 @@ def main() -> None:
                 f"{size:4d} px  workers (lightly) {r['workers']:7.1f}  split {r['split']:7.1f}  "
                 f"ratio {r['split'] / r['workers']:5.2f}"
             )
+        return
+    if args.decode:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if "gpu" in args.decode and device == "cpu":
+            raise SystemExit("loader_speed.py: --decode gpu needs a CUDA GPU (none found); --decode cpu runs here")
+        print(
+            f"split pipeline on {device}, no model: pairs/s of finished views, {args.workers} loader workers, "
+            f"batch {args.batch}, median of {args.repeats} epochs"
+        )
+        for size in args.sizes:
+            r = device_rates(args.root, size, args.decode, args.workers, args.batch, args.repeats)
+            ratio = f"  ratio gpu/cpu {r['gpu'] / r['cpu']:5.2f}" if {"cpu", "gpu"} <= r.keys() else ""
+            print(f"{size:4d} px  " + "  ".join(f"decode={k} {v:8.1f}" for k, v in r.items()) + ratio)
         return
     torch.set_num_threads(1)
     print(f"pairs/s on one core, median of {args.repeats}; {args.images} images of {args.root}, {args.method} views")

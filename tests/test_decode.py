@@ -216,5 +216,6 @@ def test_device_decode_falls_back_for_files_its_decoder_refuses(tmp_path):
     expected = [decode_crops(d, box[0], 32, "x", reduce=False)[0] for d in (jpeg, png)]
     for got, want in zip(crops, expected):
         assert np.abs(got.permute(1, 2, 0).numpy().astype(float) - want).mean() < CROP_TOLERANCE
+    assert [tuple(c.shape) for c in decode_crops_on_device([], [], [32, 16], "cpu")] == [(0, 3, 32, 32), (0, 3, 16, 16)]
     with pytest.raises(UnreadableImageError, match="junk.jpg"):
         decode_crops_on_device([jpeg, b"\xff\xd8\xff not a jpeg"], box * 2, 32, "cpu", names=["a.jpg", "junk.jpg"])

@@ -172,11 +172,14 @@ def read_file(path: str) -> bytes:
 
 def device_decodable(data: bytes) -> bool:
     """Whether nvJPEG can decode this file to RGB: a whole (end marker last) YCbCr or grayscale JPEG."""
-    if simplejpeg is None or not _is_jpeg(data) or data[-2:] != b"\xff\xd9":
+    if not _is_jpeg(data) or data[-2:] != b"\xff\xd9":
         return False
     try:
+        if simplejpeg is None:  # PIL's header read: CMYK and YCCK both open as mode CMYK
+            with Image.open(io.BytesIO(data)) as image:
+                return image.mode in ("RGB", "L")
         return simplejpeg.decode_jpeg_header(data)[2] in ("YCbCr", "Gray")
-    except ValueError:
+    except (OSError, ValueError):
         return False
 
 
@@ -184,6 +187,8 @@ def decode_jpegs(datas: Sequence[torch.Tensor], device: torch.device) -> list[to
     """Encoded JPEGs (uint8 (bytes,) CPU tensors) as uint8 (3, H, W) RGB on `device`, in one torchvision call."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
+    if not datas:  # torchvision refuses an empty list (a step whose rows all went to the worker)
+        return []
     with warnings.catch_warnings():  # torchvision 0.29 warns at every call that TorchCodec will take over
         warnings.simplefilter("ignore", DeprecationWarning)
         return decode_jpeg(list(datas), mode=ImageReadMode.RGB, device=device)
