@@ -218,11 +218,12 @@ def decode_crops_on_device(
     except RuntimeError:  # one file nvJPEG refuses fails the whole call: find it, decode it here
         images = [_decode_one(data, name, device) for data, name in zip(datas, names)]
     crops: list[list[torch.Tensor]] = [[] for _ in sizes]
-    for image, image_boxes in zip(images, boxes):
-        image = image.unsqueeze(0).float()
+    for image, image_boxes, name in zip(images, boxes, names):
         for v, ((top, left, h, w), size) in enumerate(zip(image_boxes, sizes)):
+            if top + h > image.shape[1] or left + w > image.shape[2]:  # the boxes were drawn on the header's size
+                raise UnreadableImageError(f"cannot read image {name}: decoded smaller than its header says")
             # Integer boxes at full scale: the crop is a slice; the filter reads only inside it, as PIL's.
-            crop = image[:, :, top : top + h, left : left + w]
+            crop = image[None, :, top : top + h, left : left + w].float()
             crops[v].append(torch.nn.functional.interpolate(crop, (size, size), mode="bilinear", antialias=True))
     return [
         torch.cat(c).round_().clamp_(0, 255).to(torch.uint8)
