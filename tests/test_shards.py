@@ -2,6 +2,7 @@
 its own shards, every image once per epoch, reproducibly; the evaluators read the labelled validation shards;
 bad shard directories stop with one line."""
 
+import io
 import subprocess
 import sys
 import tarfile
@@ -14,7 +15,7 @@ from batchssl.config import load_config
 from batchssl.data import dataset_info, eval_datasets
 from batchssl.errors import UserError
 from batchssl.filepipeline import build_split_pipeline
-from batchssl.shards import INDEX, ShardImages, ShardStream, convert
+from batchssl.shards import INDEX, ShardImages, ShardStream, convert, tar_members
 from benchmarks.make_photo_folder import build
 from helpers import REPO
 
@@ -127,3 +128,45 @@ def test_converter_cli_reports_bad_input_in_one_line(tmp_path):
         f"batchssl.shards: error: {tmp_path / 'nowhere'} has no train/ "
         "folder: the ImageFolder layout is train/<class>/*, val/<class>/*"
     ]
+
+
+def _tarfile_listing(path):
+    with tarfile.open(path) as tar:
+        return [(m.name, m.offset_data, m.size, tar.extractfile(m).read()) for m in tar if m.isfile()]
+
+
+def test_fast_tar_reader_reads_what_tarfile_reads(shards):
+    for path in sorted(shards.glob("*.tar")):
+        with open(path, "rb") as f:
+            assert list(tar_members(f)) == _tarfile_listing(path)
+        with open(path, "rb") as f:
+            assert [m[:3] for m in tar_members(f, read_data=False)] == [m[:3] for m in _tarfile_listing(path)]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
+def test_tar_dialects_the_fast_reader_leaves_to_tarfile_read_the_same(tmp_path, fmt):
+    """Other writers' long names come as PAX or GNU extension headers, after ordinary members: tarfile takes over
+    there, and every member is read once, in order."""
+    path = tmp_path / "other.tar"
+    names = ["a.jpg", "a.cls", "sub/dir/" + "x" * 150 + ".jpg", "b.jpg", "c" * 120 + ".cls"]
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for i, name in enumerate(names):
+            info = tarfile.TarInfo(name)
+            info.size = 700 + i
+            tar.addfile(info, io.BytesIO(bytes([i]) * info.size))
+    with open(path, "rb") as f:
+        assert list(tar_members(f)) == _tarfile_listing(path)
+    assert [m[0] for m in _tarfile_listing(path)] == names
+
+
+def test_a_damaged_tar_header_names_the_shard(shards, tmp_path):
+    for p in shards.iterdir():
+        (tmp_path / p.name).write_bytes(p.read_bytes())
+    path = tmp_path / "train-000000.tar"
+    with tarfile.open(path) as tar:
+        second = tar.getmembers()[1].offset  # its header's first byte
+    data = bytearray(path.read_bytes())
+    data[second + 10] ^= 0xFF  # a byte of the member's name
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"cannot read shard .*train-000000.tar: bad header checksum"):
+        ShardImages(tmp_path, "train")

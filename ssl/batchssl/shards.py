@@ -9,8 +9,10 @@ original file's bytes untouched (jpg, png, ...), and `<key>.cls`, the class inde
 `webdataset.WebDataset(urls).decode("pil").to_tuple("jpg;png", "cls")` reads the shards too. The training
 images are shuffled once with a fixed seed before they are cut into shards, so each shard mixes the classes.
 
-Plain `tarfile` reads them: shards are uncommitted to any one loader library, and reading is sequential file I/O,
-which tarfile does at disk speed (see benchmarks/loader_speed.py); no dependency was worth adding for that.
+The readers parse the tar headers themselves (`tar_members`; tarfile takes over at a PAX or GNU long-name header,
+as other writers may produce): tarfile's Python header parsing cost about 1 ms per sample, slower than reading the
+folder the shards came from (benchmarks/shard_speed.py). Shards stay uncommitted to any one loader library; no
+dependency was worth adding for sequential file I/O.
 
 Readers:
 - `ShardImages(root, split)`: random access (the kNN bank, the probes, the validation split): member offsets are
@@ -134,14 +136,98 @@ def split_shards(root: str | Path, split: str) -> list[dict]:
     return shards
 
 
+_BLOCK = 512
+_END = bytes(_BLOCK)
+_FILE_TYPES = (b"0", b"\0", b"7")  # regular files (7: contiguous, a regular file to every reader)
+_EXTENDED_TYPES = (b"x", b"g", b"L", b"K")  # PAX and GNU long-name headers: left to tarfile
+
+
+class _NeedsTarfile(Exception):
+    """A header this reader leaves to tarfile (PAX / GNU extensions, as other tar writers may use)."""
+
+
+def _octal(field: bytes) -> int:
+    if field[0] & 0x80:  # GNU base-256, for sizes over 8 GiB
+        return tarfile.nti(field)
+    return int(field.strip(b"\0 ") or b"0", 8)
+
+
+def _fast_members(f, read_data: bool) -> Iterator[tuple[str, int, int, bytes | None]]:
+    """(name, data offset, size, data or None) of each regular file of an uncompressed tar read front to back.
+
+    The 512-byte headers are parsed here: tarfile's header parsing costs about 1 ms per sample in Python, which
+    made shards read 6x slower than the folder they came from (benchmarks/shard_speed.py). Plain ustar and GNU
+    headers, as the converter and most writers produce; a PAX or GNU long-name header raises _NeedsTarfile.
+    Reading the data, it only reads forward (a stream would do); listing, it seeks past the data."""
+    skip = (lambda n: f.read(n)) if read_data else (lambda n: f.seek(n, 1))
+    offset = 0
+    while True:
+        header = f.read(_BLOCK)
+        if not header or header == _END:
+            return
+        if len(header) < _BLOCK:
+            raise tarfile.ReadError("unexpected end of data")
+        if sum(header[:148]) + 256 + sum(header[156:]) != _octal(header[148:156]):  # chksum field as 8 spaces
+            raise tarfile.ReadError(f"bad header checksum at byte {offset}")
+        kind, size = header[156:157], _octal(header[124:136])
+        padded = -(-size // _BLOCK) * _BLOCK
+        offset += _BLOCK
+        if kind in _EXTENDED_TYPES:
+            raise _NeedsTarfile
+        if kind in _FILE_TYPES:
+            name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            prefix = header[345:500].split(b"\0", 1)[0] if header[257:263] == b"ustar\0" else b""
+            if prefix:
+                name = f"{prefix.decode('utf-8', 'surrogateescape')}/{name}"
+            data = None
+            if read_data:
+                data = f.read(size)
+                if len(data) < size:
+                    raise tarfile.ReadError("unexpected end of data")
+                skip(padded - size)
+            else:
+                skip(padded)
+            yield name, offset, size, data
+        else:
+            skip(padded)  # directories, links: nothing to read
+        offset += padded
+
+
+def _tarfile_members(f, read_data: bool) -> Iterator[tuple[str, int, int, bytes | None]]:
+    """As _fast_members, through tarfile (every tar dialect, slowly)."""
+    f.seek(0)
+    with tarfile.open(fileobj=f, mode="r:") as tar:
+        for m in tar:
+            if m.isfile():
+                yield m.name, m.offset_data, m.size, tar.extractfile(m).read() if read_data else None
+
+
+def tar_members(f, read_data: bool = True) -> Iterator[tuple[str, int, int, bytes | None]]:
+    """(name, data offset, size, data or None) of each regular file of the uncompressed tar open in `f` (binary,
+    seekable), in order: the fast reader, or tarfile from the first header it leaves to tarfile on."""
+    done = 0
+    try:
+        for member in _fast_members(f, read_data):
+            yield member
+            done += 1
+    except _NeedsTarfile:
+        for i, member in enumerate(_tarfile_members(f, read_data)):
+            if i >= done:
+                yield member
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """WebDataset's key and extension of a member name: the base name cut at its first dot."""
+    key, _, ext = name.rpartition("/")[2].partition(".")
+    return key, ext
+
+
 def _members(path: Path) -> Iterator[tuple[str, str, int, int]]:
     """(key, extension, data offset, size) of each member of an uncompressed tar, from its headers."""
     try:
-        with tarfile.open(path, "r:") as tar:
-            for m in tar:
-                if m.isfile():
-                    key, _, ext = m.name.rpartition("/")[2].partition(".")
-                    yield key, ext, m.offset_data, m.size
+        with open(path, "rb") as f:
+            for name, offset, size, _ in tar_members(f, read_data=False):
+                yield *_split_name(name), offset, size
     except (OSError, tarfile.TarError) as err:
         raise UserError(f"cannot read shard {path}: {err}") from None
 
@@ -250,16 +336,14 @@ class ShardStream:
         current: dict[str, bytes] = {}
         key = None
         try:
-            with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-                for m in tar:
-                    if not m.isfile():
-                        continue
-                    k, _, ext = m.name.rpartition("/")[2].partition(".")
+            with open(path, "rb") as f:
+                for member, _, _, data in tar_members(f):
+                    k, ext = _split_name(member)
                     if k != key and current:
                         yield self._sample(path, key, current)
                         current = {}
                     key = k
-                    current[ext] = tar.extractfile(m).read()
+                    current[ext] = data
         except (OSError, tarfile.TarError) as err:
             raise UserError(f"cannot read shard {path} (after key {key}): {err}") from None
         if current:
