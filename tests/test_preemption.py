@@ -1,6 +1,8 @@
 """Step checkpoints, preemption signals, Ctrl-C and a full disk, on train() in this process (a small in-memory fake
 dataset, 4 steps an epoch): a run stopped at any of these moments and rerun with the same config ends with the
-uninterrupted run's per-step losses, kNN lines and backbone bytes."""
+uninterrupted run's per-step losses, kNN lines and backbone bytes. checkpoint.requeue runs a stub `scontrol`
+(tests/test_slurm.py's). Two processes under torchrun only where that is what is checked: a full disk on one rank
+(tests/helpers/full_disk_at.py) stops every rank with one line."""
 
 import errno
 import os
@@ -8,15 +10,27 @@ import signal
 
 import pytest
 from accelerate import Accelerator
+from safetensors import SafetensorError
 
 import batchssl.data as data
-from batchssl.checkpoint import LOCK_FILE, RunLock, complete_checkpoints, read_state
+from batchssl.checkpoint import LOCK_FILE, RunLock, complete_checkpoints, latest_checkpoint, read_state
 from batchssl.config import load_config
 from batchssl.errors import UserError
 from batchssl.preemption import EXIT_BASE, Stopped, parse_signals
 from batchssl.train import Callback, train
-from helpers import REPO, fake_fashion_mnist_split, knn_lines, own_process_state, step_lines, step_losses
+from helpers import (
+    REPO,
+    TINY,
+    fake_fashion_mnist_split,
+    knn_lines,
+    own_process_state,
+    run_entry,
+    step_lines,
+    step_losses,
+)
 from helpers import SHRUNK as SHRUNK_DEFAULT
+from test_elastic import ENV, rank_exit_codes
+from test_slurm import install_stubs
 
 # 64 fake images in batches of 16: 4 steps an epoch, 2 epochs, a kNN line and an epoch checkpoint each epoch.
 SHRUNK = [
@@ -165,6 +179,103 @@ def test_full_disk_during_a_checkpoint_one_line_previous_intact(tmp_path, fake_d
     assert "epoch_0001 is intact" in message and "\n" not in message
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["epoch_0001"]  # the partial one removed
     assert not (tmp_path / LOCK_FILE).exists() or RunLock(tmp_path, "test").acquire().release() is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rank", [1, 0])
+def test_full_disk_on_one_rank_of_two_stops_every_rank_with_one_line(rank, tmp_path):
+    """Rank `rank`'s write of the second step checkpoint fails with ENOSPC (rank 1: its RNG file; rank 0: the model
+    file): both ranks exit 2 (none killed by torchrun, no hang until the group's timeout), the run prints the line
+    once, the partial directory is gone, the first checkpoint is intact and the newest, the run lock is released."""
+    args = [*TINY, "monitor.enabled=false", "checkpoint.every_n_steps=1", f"output_dir={tmp_path}"]
+    script = REPO / "tests" / "helpers" / "full_disk_at.py"
+    failed = run_entry(
+        script, "--checkpoint", "step_00000002", "--rank", rank, *args, launcher="torchrun", check=False, env=ENV
+    )
+    assert rank_exit_codes(failed.stderr) == {0: 2, 1: 2}, failed.stderr[-3000:]
+    errors = [line for line in failed.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, failed.stderr[-3000:]
+    assert errors[0].startswith(f"pretrain.py: error: no space left in {tmp_path / 'checkpoints'}: a checkpoint ")
+    assert "the newest complete checkpoint step_00000001 is intact" in errors[0]
+    assert "Connection closed" not in failed.stderr and "batchssl" not in failed.stderr  # no worker traceback
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000001"]  # no .tmp-step_00000002
+    RunLock(tmp_path, "test").acquire().release()
+    assert latest_checkpoint(tmp_path).name == "step_00000001"  # what a rerun resumes from (test_elastic reruns)
+
+
+def test_full_disk_while_exporting_the_backbone_one_line(tmp_path, fake_data, monkeypatch):
+    import batchssl.checkpoint as ckpt
+
+    def save_file(tensors, filename, metadata=None):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(ckpt, "save_file", save_file)
+    with pytest.raises(ckpt.CheckpointWriteError) as err:
+        run(tmp_path, "train.epochs=1", "monitor.enabled=false")
+    assert str(err.value).startswith(f"no space left in {tmp_path}: ")
+    assert "the checkpoint epoch_0001 is complete" in str(err.value) and not err.value.quiet
+    assert not list(tmp_path.glob(".tmp-*")) and not (tmp_path / "backbone.safetensors").exists()
+
+
+def test_checkpoint_write_failure_kinds():
+    """What a full disk raises through each writer: OSError, safetensors' error, torch.save's errno-less one."""
+    import errno as errno_
+
+    from batchssl.checkpoint import _failure_line, _io_error
+
+    assert _io_error(OSError(errno_.EDQUOT, "Disk quota exceeded")).errno == errno_.EDQUOT
+    full = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert _io_error(full).errno == errno_.ENOSPC
+    assert _io_error(SafetensorError("invalid dtype")) is None and _io_error(RuntimeError("shape")) is None
+    torch_full = _io_error(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"))
+    assert torch_full.errno is None  # the disk's free space decides: less than a checkpoint's size is a full disk
+    where = REPO  # a directory with some space free
+    assert _failure_line(torch_full, where, "a checkpoint", 2**60, "kept").startswith(f"no space left in {where}: ")
+    assert _failure_line(torch_full, where, "a checkpoint", 0, "kept").startswith(
+        f"cannot write a checkpoint in {where}: [enforce fail at inline_container.cc:672]"
+    )
+
+
+@pytest.mark.parametrize(
+    ("job", "fail", "said"),
+    [
+        ("4242", "", "; requeued Slurm job 4242"),
+        (
+            "4242",
+            "slurm_requeue error: Access/permission denied",
+            "; scontrol requeue 4242 failed (slurm_requeue error: Access/permission denied); requeue it by hand",
+        ),
+        (None, "", "; checkpoint.requeue=true but SLURM_JOB_ID is not set (not a Slurm job): not requeued"),
+    ],
+)
+def test_requeue_after_a_signal_s_checkpoint(job, fail, said, tmp_path, fake_data, monkeypatch, capsys):
+    """checkpoint.requeue=true under Slurm (SLURM_JOB_ID): SIGUSR1 (sbatch --signal=USR1@120) at step 2 checkpoints,
+    runs `scontrol requeue $SLURM_JOB_ID` (a stub on PATH) and exits 138 whatever scontrol does."""
+    log = tmp_path / "calls.log"
+    monkeypatch.setenv("PATH", f"{install_stubs(tmp_path / 'bin')}:{os.environ['PATH']}")
+    monkeypatch.setenv("STUB_LOG", str(log))
+    monkeypatch.setenv("STUB_SCONTROL_FAIL", fail)
+    if job is None:
+        monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    else:
+        monkeypatch.setenv("SLURM_JOB_ID", job)
+    out = tmp_path / "run"
+    with pytest.raises(Stopped) as stopped:
+        run(
+            out,
+            "checkpoint.requeue=true",
+            "train.epochs=1",
+            "monitor.enabled=false",
+            callbacks=[Signal(signal.SIGUSR1, at=2)],
+        )
+    assert stopped.value.code == 138
+    step = out / "checkpoints" / "step_00000002"
+    assert stopped.value.message == (
+        f"stopped by SIGUSR1 after step 2: checkpoint {step}; rerun the same command to resume{said}"
+    )
+    assert stopped.value.message in capsys.readouterr().out
+    assert [p.name for p in complete_checkpoints(out)] == ["step_00000002"]
+    assert (log.read_text().splitlines() if log.exists() else []) == ([f"scontrol requeue {job}"] if job else [])
 
 
 def test_bad_signal_names_are_one_line():

@@ -8,7 +8,10 @@ too), and checkpoint.keep_last keeps the newest of both kinds together.
 
 A checkpoint is written to checkpoints/.tmp-<name> and renamed when complete; only renamed directories that
 hold trainer_state.json count, so a half-written checkpoint is never loaded and the previous one stays the newest.
-A failed write (a full disk, any OSError) removes the partial directory and ends in one line (UserError).
+A failed write (a full disk, any I/O error) removes the partial directory and ends in one line
+(CheckpointWriteError, a UserError). On several processes the write is a collective with agreement: every process
+catches its own failure (rank 0 writes the model and optimizer, every rank its RNG file), they compare after each
+phase on a CPU group, and if any failed all of them raise the same error (only the main process's is printed).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -96,52 +100,146 @@ def _dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def _write_failed(err: OSError, tmp: Path, output_dir: str | Path) -> UserError:
-    """The one line for a checkpoint that could not be written; the partial directory is removed first."""
-    root = checkpoint_dir(output_dir)
-    older = complete_checkpoints(output_dir)
-    shutil.rmtree(tmp, ignore_errors=True)
-    kept = f"the newest complete checkpoint {older[-1].name} is intact" if older else "no earlier checkpoint exists"
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        need = _dir_size(older[-1]) if older else 0  # a checkpoint's size hardly changes from one to the next
-        free = shutil.disk_usage(root).free if root.is_dir() else 0
-        what = (
-            f"no space left in {root}: a checkpoint needs about {need / 2**20:.0f} MiB, {free / 2**20:.0f} MiB free"
-            if need
-            else f"no space left in {root} ({free / 2**20:.0f} MiB free)"
-        )
-        return UserError(
-            f"{what}; {kept}. Free space (or lower checkpoint.keep_last) and rerun the same command to resume"
-        )
-    return UserError(
-        f"cannot write a checkpoint in {root}: {err.strerror or err}; {kept}. Rerun the same command "
-        "to resume once it is fixed"
+class CheckpointWriteError(UserError):
+    """A checkpoint (or the backbone file beside it) could not be written. Every process of the run raises it
+    together with the same message; `quiet` on all but the main process, so that the run says it once."""
+
+    def __init__(self, message: str, quiet: bool = False):
+        super().__init__(message)
+        self.quiet = quiet
+
+
+# torch.save's zip writer (optimizer.bin, every rank's RNG file) drops the errno of a failed write: on a full disk it
+# raises RuntimeError("[enforce fail at inline_container.cc:...] . unexpected pos ...") or an iostream error.
+_TORCH_WRITE_FAILED = ("inline_container.cc", "PytorchStreamWriter", "iostream error")
+_NEARLY_FULL = 2**20  # bytes: a write that failed with less free than this (or than a checkpoint) was a full disk
+
+
+def _io_error(err: Exception) -> OSError | None:
+    """The I/O failure behind an exception of a checkpoint write (errno None where the writer lost it), or None when
+    it is no I/O failure (a bug, raised as it is)."""
+    if isinstance(err, OSError):
+        return err
+    text = str(err)
+    if isinstance(err, SafetensorError) and any(s in text for s in ("Os {", "I/O error", "No space left")):
+        # safetensors reports a failed write as its own error, the errno in its text ("os error 28")
+        full = "No space left" in text or "os error 28" in text or "code: 28" in text
+        return OSError(errno.ENOSPC if full else errno.EIO, text)
+    if isinstance(err, RuntimeError) and any(s in text for s in _TORCH_WRITE_FAILED):
+        return OSError(None, text.strip().splitlines()[0])
+    return None
+
+
+def _failure_line(err: OSError, where: Path, what: str, need: int, kept: str) -> str:
+    """One line for `what` ("a checkpoint", a file's name) that could not be written in `where`; `need`: about the
+    bytes it takes (0: unknown); `kept`: what is still intact."""
+    free = shutil.disk_usage(where).free if where.is_dir() else 0
+    full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+    if err.errno is None:  # torch lost the errno: the space left tells whether the disk filled up
+        full = free < max(need, _NEARLY_FULL)
+    if not full:
+        reason = err.strerror or err
+        return f"cannot write {what} in {where}: {reason}; {kept}. Rerun the same command to resume once it is fixed"
+    size = f"{what} needs about {need / 2**20:.0f} MiB, " if need else ""
+    return (
+        f"no space left in {where}: {size}{free / 2**20:.0f} MiB free; {kept}. Free space (or lower "
+        "checkpoint.keep_last) and rerun the same command to resume"
     )
 
 
-def stage_checkpoint(accelerator, output_dir: str | Path, state: dict, name: str) -> Path:
+def _write_failed(err: OSError, tmp: Path, output_dir: str | Path) -> str:
+    """The one line for a checkpoint that could not be written; the partial directory is removed first."""
+    older = complete_checkpoints(output_dir)
+    shutil.rmtree(tmp, ignore_errors=True)
+    kept = f"the newest complete checkpoint {older[-1].name} is intact" if older else "no earlier checkpoint exists"
+    need = _dir_size(older[-1]) if older else 0  # a checkpoint's size hardly changes from one to the next
+    return _failure_line(err, checkpoint_dir(output_dir), "a checkpoint", need, kept)
+
+
+def _attempt(write) -> Exception | None:
+    """Run `write()`; its exception, if any (an I/O failure is kept as OSError)."""
+    try:
+        write()
+    except Exception as err:  # every process must reach the agreement, whatever happened to it
+        return _io_error(err) or err
+    return None
+
+
+def _agree(accelerator, failure: Exception | None, group) -> tuple[int, Exception] | None:
+    """Collective (on several processes; on one it only returns `failure`): (the first failing rank, its failure)
+    on every process, or None when every process succeeded. An I/O failure travels as (errno, text); any other
+    exception is re-raised on its own rank and named to the others."""
+    if accelerator.num_processes == 1:
+        return None if failure is None else (0, failure)
+    mine = None
+    if isinstance(failure, OSError):
+        mine = ("io", failure.errno, failure.strerror or str(failure))
+    elif failure is not None:
+        mine = ("bug", None, f"{type(failure).__name__}: {failure}")
+    everyone: list = [None] * accelerator.num_processes
+    dist.all_gather_object(everyone, mine, group=group)
+    for rank, theirs in enumerate(everyone):
+        if theirs is not None:
+            if rank == accelerator.process_index:
+                return rank, failure
+            kind, code, text = theirs
+            return rank, OSError(code, text) if kind == "io" else RuntimeError(f"rank {rank} failed: {text}")
+    return None
+
+
+def _raise_together(accelerator, failed: tuple[int, Exception], group, describe) -> None:
+    """Collective: raise the agreed failure on every process; an I/O failure as one CheckpointWriteError whose
+    message the main process makes (`describe(err)`, which may clean up) and sends to the others."""
+    rank, err = failed
+    if not isinstance(err, OSError):
+        raise err  # a bug: its own traceback on its rank, named on the others
+    message = [describe(err) if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        dist.broadcast_object_list(message, src=0, group=group)
+    raise CheckpointWriteError(message[0], quiet=not accelerator.is_main_process) from None
+
+
+def stage_checkpoint(accelerator, output_dir: str | Path, state: dict, name: str, group=None) -> Path:
     """Collective: every process calls it. Writes the whole checkpoint (Accelerate's files, then `state` as
     trainer_state.json) into checkpoints/.tmp-<name> and returns it; `commit_checkpoint` puts it in place.
-    An OSError while writing (a full disk) removes the partial directory and raises UserError."""
+    An I/O failure on any process (a full disk) removes the partial directory and raises CheckpointWriteError on
+    every process. `group`: a CPU (gloo) group of all processes for the agreement (None: the default group)."""
     tmp = temp_path(checkpoint_dir(output_dir) / name)
-    try:
-        if accelerator.is_main_process:
+    main = accelerator.is_main_process
+
+    def prepare() -> None:
+        if main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
+
+    def write_state() -> None:
+        if main:
             atomic_write(tmp / STATE_FILE, json.dumps(state, indent=1))
-    except SafetensorError as err:  # safetensors reports a failed write as its own error, the errno in its text
-        if "Os {" not in str(err) and "No space left" not in str(err):  # an I/O failure, not a bad tensor
-            raise
-        raise _write_failed(
-            OSError(errno.ENOSPC if "No space left" in str(err) else errno.EIO, str(err)), tmp, output_dir
-        ) from None
-    except OSError as err:
-        raise _write_failed(err, tmp, output_dir) from None
+
+    # Accelerate's save_state has no barrier of its own under DDP (only FSDP / DeepSpeed gather): a process that
+    # failed can skip the rest, and each agreement doubles as the barrier between the phases.
+    for phase in (prepare, lambda: accelerator.save_state(str(tmp)), write_state):
+        failed = _agree(accelerator, _attempt(phase), group)
+        if failed:
+            _raise_together(accelerator, failed, group, lambda err: _write_failed(err, tmp, output_dir))
     return tmp
+
+
+def write_on_main(accelerator, write, path: str | Path, group=None) -> None:
+    """Collective: `write()` (of the file `path`, e.g. the exported backbone) on the main process; an I/O failure
+    raises CheckpointWriteError on every process, as a failed checkpoint does."""
+    path = Path(path)
+    failed = _agree(accelerator, _attempt(write) if accelerator.is_main_process else None, group)
+    if failed:
+        newest = latest_checkpoint(path.parent)
+        kept = f"the checkpoint {newest.name} is complete" if newest else "no checkpoint exists yet"
+        need = path.stat().st_size if path.is_file() else 0  # the previous export's size
+
+        def describe(err: OSError) -> str:
+            temp_path(path).unlink(missing_ok=True)  # atomic_write's partial file
+            return _failure_line(err, path.parent, path.name, need, kept)
+
+        _raise_together(accelerator, failed, group, describe)
 
 
 def commit_checkpoint(accelerator, output_dir: str | Path, name: str, keep_last: int) -> Path:

@@ -18,7 +18,8 @@ def exit_on_user_error(prog: str):
     try:
         yield
     except UserError as err:
-        print(f"{prog}: error: {one_line(str(err))}", file=sys.stderr, flush=True)
+        if not getattr(err, "quiet", False):  # raised by every process of a run together: the main one says it
+            print(f"{prog}: error: {one_line(str(err))}", file=sys.stderr, flush=True)
         sys.exit(2)
 
 

@@ -66,6 +66,12 @@ class StopRequests:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
+    @property
+    def group(self):
+        """The processes' CPU (gloo) group (None with one process): also what a failed checkpoint write is agreed on
+        (batchssl.checkpoint.stage_checkpoint)."""
+        return self._group
+
     def restore(self) -> None:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)

@@ -184,6 +184,13 @@ def train(cfg: Config, callbacks: Sequence[Callback] = ()) -> dict:
         if accelerator.num_processes > 1:
             stop.leave()
         raise
+    except ckpt.CheckpointWriteError:
+        # Raised on every process together: all of them exit 2 (the main one says why), none killed by torchrun's
+        # SIGTERM after the first one exits; the barrier makes sure every one ignores it before any leaves.
+        if accelerator.num_processes > 1:
+            stop.leave()
+            torch.distributed.barrier(group=stop.group)
+        raise
     finally:
         stop.restore()
         if lock is not None:
@@ -217,9 +224,9 @@ def _train(
         loop.train_epoch(epoch, start_step - epoch * run.steps_per_epoch if epoch == start_epoch else 0)
         loop.end_epoch(epoch + 1)
 
-    if start_epoch >= cfg.train.epochs and accelerator.is_main_process:
+    if start_epoch >= cfg.train.epochs:
         accelerator.print(f"{out}: already trained for {cfg.train.epochs} epochs; nothing to do")
-        ckpt.export_backbone(run.inner.backbone, out / ckpt.BACKBONE_FILE)
+        loop.export_backbone()
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return loop.last
@@ -377,8 +384,13 @@ class _Loop:
         at_step = every_step and done * self.run.steps_per_epoch % every_step == 0
         if final or (every and done % every == 0) or at_step:
             self.checkpoint(ckpt.epoch_dir(self.out, done).name, done, done * self.run.steps_per_epoch)
-            if self.accelerator.is_main_process:
-                ckpt.export_backbone(self.run.inner.backbone, self.out / ckpt.BACKBONE_FILE)
+            self.export_backbone()
+
+    def export_backbone(self) -> None:
+        """Collective: backbone.safetensors from the main process; a failed write stops every process together."""
+        path = self.out / ckpt.BACKBONE_FILE
+        backbone = self.run.inner.backbone
+        ckpt.write_on_main(self.accelerator, lambda: ckpt.export_backbone(backbone, path), path, self.stop.group)
 
     def monitor_epoch(self, done: int) -> None:
         result = self.monitor(self.run.inner.backbone, self.accelerator, self.eval_dtype, self.run.online)
@@ -409,7 +421,7 @@ class _Loop:
         }
         self.stop.writing = True
         try:
-            staged = ckpt.stage_checkpoint(self.accelerator, self.out, state, name)
+            staged = ckpt.stage_checkpoint(self.accelerator, self.out, state, name, self.stop.group)
             if self.accelerator.is_main_process:
                 for callback in self.callbacks:
                     callback.on_checkpoint_staged(staged)
