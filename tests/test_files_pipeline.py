@@ -283,3 +283,23 @@ def test_data_decode_setting(photos):
             config(photos, *bad)
     with pytest.raises(UserError, match="data.decode"):
         config(photos, "data.decode=nvjpeg")
+
+
+def test_device_decode_of_a_shard_stream(photos, tmp_path):
+    """Shards deliver each step's files with its key: the encoded rows are the stream's, decoded like the CPU's."""
+    from batchssl.shards import ShardStream, convert
+    from test_decode import CROP_TOLERANCE
+
+    convert(photos, tmp_path, shard_size=4)
+    cfg = config(tmp_path, "data.name=shards")
+    info = dataset_info(cfg.data)
+    cpu = build_split_pipeline(cfg, info, torch.device("cpu"))
+    stream = ShardStream(tmp_path, cfg.seed, cfg.train.batch_size, buffer=cfg.data.shuffle_buffer)
+    gpu = SplitPipeline(cfg, info, None, torch.device("cpu"), stream=stream, device_decode=True)
+    keys = list(zip(gpu.loader.sampler, cpu.loader.sampler))
+    assert len(keys) == 2
+    for key, cpu_key in keys:
+        (worker_crops, labels, encoded), (cpu_crops, cpu_labels) = gpu.crops[key], cpu.crops[cpu_key]
+        assert torch.equal(labels, cpu_labels) and len(encoded.rows) == len(labels)  # every photo is a JPEG
+        for a, b in zip(gpu._merge(worker_crops, encoded), cpu_crops):
+            assert (a.double() - b.double()).abs().flatten(1).mean(1).max() < CROP_TOLERANCE
