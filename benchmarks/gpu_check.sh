@@ -52,7 +52,7 @@ capped 120 "$PYTHON" benchmarks/train_throughput.py --config recipes/cifar10/moc
 echo "== 1d. JPEG folder at 224 px: data.decode=cpu (workers decode) vs gpu (nvJPEG on the device), no model"
 PHOTOS=$(mktemp -d)
 "$PYTHON" -c "import simplejpeg; print('simplejpeg', simplejpeg.__version__)" || echo "no simplejpeg: cpu decodes with PIL"
-capped 45 "$PYTHON" benchmarks/make_photo_folder.py "$PHOTOS/photos" --train 1536 --val 64
+capped 45 "$PYTHON" benchmarks/make_photo_folder.py "$PHOTOS/photos" --train 1024 --val 64
 for w in 8 2; do
   capped 60 "$PYTHON" benchmarks/loader_speed.py "$PHOTOS/photos" --decode cpu gpu --sizes 224 --workers $w \
     --batch 128 --repeats 3
