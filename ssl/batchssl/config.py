@@ -41,7 +41,7 @@ class DataConfig:
     pipeline: Literal["auto", "device", "split", "workers"] = "auto"
     # Where data.pipeline=split decodes JPEGs: cpu = loader workers (at reduced DCT scale); gpu = the training
     # process, batched with nvJPEG on the CUDA device (workers only read files and draw crop boxes; for when the
-    # workers cannot keep up); auto = gpu when training on a CUDA device whose torchvision decodes JPEGs, else cpu.
+    # workers cannot keep up); auto = cpu until benchmarks/gpu_check.sh has measured where gpu pays (untested on a GPU).
     decode: Literal["auto", "cpu", "gpu"] = "auto"
     shuffle_buffer: int = 1000  # data.name shards: images in each process's shuffle buffer
     image_size: int | None = None  # None: the dataset's natural size (28, 32, 96, 224)

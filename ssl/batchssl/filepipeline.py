@@ -317,14 +317,16 @@ def build_split_pipeline(
 
 
 def decode_on_device(choice: str, device: torch.device) -> bool:
-    """data.decode for this training device: cpu -> False; gpu -> True, refused (one line) where the device cannot
-    decode JPEGs; auto -> whether it can (a CUDA device with torchvision's nvJPEG decoder)."""
-    if choice == "cpu":
+    """data.decode for this training device: gpu -> True, refused (one line) where the device cannot decode JPEGs;
+    cpu and auto -> False. auto stays on the workers until the GPU path has been measured on a GPU
+    (benchmarks/gpu_check.sh, part 1d): it was written and tested on the CPU only, and decoding at reduced DCT scale
+    on enough loader cores may well beat a full-scale nvJPEG decode."""
+    if choice != "gpu":
         return False
     problem = _device_decode_problem(device)
-    if choice == "gpu" and problem is not None:
+    if problem is not None:
         raise UserError(f"data.decode=gpu decodes JPEGs on a CUDA training device, but {problem}: pass data.decode=cpu")
-    return problem is None
+    return True
 
 
 def _device_decode_problem(device: torch.device) -> str | None:
