@@ -113,3 +113,18 @@ def test_repo_root_does_not_shadow_the_tls_module():
     # A fresh interpreter started in the repository root, as a user's `python pretrain.py` is.
     result = run_entry("-c", "import ssl; ssl.create_default_context(); print(ssl.__file__)", timeout=60)
     assert str(REPO) not in result.stdout
+
+
+def test_a_run_recorded_before_a_setting_existed_resumes_with_its_default():
+    """A config.yaml written by an earlier version lacks the keys added since: they compare as their defaults (the
+    behaviour the run had), and a key that no longer exists is no change; a real change is still reported."""
+    from batchssl.checkpoint import config_changes
+    from batchssl.config import to_dict
+
+    cfg = load_config(REPO / DEFAULT_RECIPE)
+    older = to_dict(cfg)
+    del older["augment"]["local_crops"]  # added in a later version; the recipe leaves it at its default
+    older["train"]["a_removed_setting"] = 3
+    assert config_changes(cfg, older) == []
+    changed = load_config(REPO / DEFAULT_RECIPE, ["augment.local_crops=2"])
+    assert config_changes(changed, older) == ["augment.local_crops: 0 -> 2"]

@@ -403,6 +403,7 @@ FREE_TO_CHANGE = {
     "data.download",
     "data.num_workers",
     "data.val_limit",
+    "data.decode",  # the same crop boxes decoded elsewhere: rounding only, as another machine's kernels
     "checkpoint.every_n_epochs",
     "checkpoint.every_n_steps",
     "checkpoint.signals",
@@ -426,10 +427,15 @@ FREE_SECTIONS = ()
 def config_changes(cfg: Config, previous: dict) -> list[str]:
     """'key: old -> new' for every setting that differs from `previous` and may change the model or trajectory."""
     ours, theirs = dotted_items(to_dict(cfg)), dotted_items(previous)
+    # A key the recorded config lacks came with a later version of batchssl: the run had the behaviour of its
+    # default (a new setting's default keeps the old behaviour), so it compares as that; a key that no longer
+    # exists changes nothing.
+    defaults = dotted_items(to_dict(Config()))
+    theirs = {k: theirs[k] if k in theirs else defaults.get(k) for k in ours}
     return [
-        f"{k}: {theirs.get(k)!r} -> {ours.get(k)!r}"
-        for k in sorted(ours.keys() | theirs.keys())
-        if ours.get(k) != theirs.get(k) and k not in FREE_TO_CHANGE and not k.startswith(FREE_SECTIONS)
+        f"{k}: {theirs[k]!r} -> {ours[k]!r}"
+        for k in sorted(ours)
+        if ours[k] != theirs[k] and k not in FREE_TO_CHANGE and not k.startswith(FREE_SECTIONS)
     ]
 
 
