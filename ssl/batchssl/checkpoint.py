@@ -140,9 +140,9 @@ def _failure_line(err: OSError, where: Path, what: str, need: int, kept: str) ->
     if not full:
         reason = err.strerror or err
         return f"cannot write {what} in {where}: {reason}; {kept}. Rerun the same command to resume once it is fixed"
-    size = f"{what} needs about {need / 2**20:.0f} MiB, " if need else ""
+    size = f"{what} needs about {need / 2**20:.1f} MiB, " if need else ""
     return (
-        f"no space left in {where}: {size}{free / 2**20:.0f} MiB free; {kept}. Free space (or lower "
+        f"no space left in {where}: {size}{free / 2**20:.1f} MiB free; {kept}. Free space (or lower "
         "checkpoint.keep_last) and rerun the same command to resume"
     )
 
