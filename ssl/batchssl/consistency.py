@@ -59,7 +59,8 @@ def config_hash(flat: dict[str, Any], code: str) -> str:
 
 
 def check_same_config(cfg: Any, code: str | None = None, group=None) -> str:
-    """Collective: raise UserError on every process unless all of them run the same config and code version.
+    """Collective: raise UserError on every process unless all of them run the same config and code version (the
+    main process prints it; on the others it is `quiet`).
 
     `cfg` is the resolved Config (or a nested dict of one); `code` defaults to `code_version()`. Returns the hash of
     config and code (the same on every process), e.g. for the run's records. With no process group it only hashes.
@@ -74,8 +75,25 @@ def check_same_config(cfg: Any, code: str | None = None, group=None) -> str:
     everyone: list[dict] = [None] * dist.get_world_size(group)  # type: ignore[list-item]
     dist.all_gather_object(everyone, mine, group=group)
     if len({entry["hash"] for entry in everyone}) > 1:
-        raise UserError(describe_mismatch(everyone))
+        _stop_together(group)
+        error = UserError(describe_mismatch(everyone))
+        error.quiet = dist.get_rank(group) != 0  # every process stops with it; the first one says it
+        raise error
     return mine["hash"]
+
+
+def _stop_together(group) -> None:
+    """Before the processes leave with the mismatch: once one exits, torchrun's agent SIGTERMs the others, which
+    could kill rank 0 before it prints the line; every process ignores SIGTERM first, and the barrier makes that
+    true of all of them before any leaves."""
+    import signal
+    import threading
+
+    import torch.distributed as dist
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    dist.barrier(group=group)
 
 
 def describe_mismatch(everyone: list[dict]) -> str:
