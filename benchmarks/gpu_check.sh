@@ -10,7 +10,7 @@
 #      with data.decode=gpu (the device decode through the trainer);
 #  2.  a real pretraining run on the GPU in bf16 (8192 Fashion-MNIST images, 2 epochs, kNN monitor), then knn_eval;
 #  3.  with two or more GPUs: the 2-process (NCCL) vs 1-process loss at step 1.
-# Each part gets its own time cap and never more than what is left of the budget (BUDGET_S, default 460 s), so one
+# Each part gets its own time cap and never more than what is left of the budget (BUDGET_S, default 540 s), so one
 # slow or hung part cannot take the others' time; a part that would pass it is cut short or skipped.
 #
 # Usage: bash benchmarks/gpu_check.sh [FASHION_MNIST_DIR] > gpu_check.txt
