@@ -119,9 +119,11 @@ def test_killed_while_writing_a_checkpoint_resumes_exactly(tmp_path, straight_ru
 
 
 @pytest.mark.slow
-def test_ten_random_kills_end_bit_identical(tmp_path):
+def test_random_kills_end_bit_identical(tmp_path):
     """SIGKILL from outside at random moments (start-up, steps, the monitor, checkpoint writing, export), rerun
-    after each; the run that finally completes leaves the same bytes as one that was never interrupted."""
+    after each; the run that finally completes leaves the same bytes as one that was never interrupted. Five kills
+    (ten took 195 s of a 21-minute suite); the moments that matter most are also hit on purpose by the tests
+    above (mid-epoch, while writing a checkpoint)."""
     args = ["--config", "recipes/fashion_mnist/simsiam_bf.yaml", *SHORT]
     start = time.perf_counter()
     run_pretrain([*args, f"output_dir={tmp_path / 'straight'}"])
@@ -130,7 +132,7 @@ def test_ten_random_kills_end_bit_identical(tmp_path):
     rng = random.Random(0)  # the moments vary with the machine's speed; the assertion holds for any of them
     kills = 0
     attempts = 0
-    while kills < 10 and attempts < 30:  # 10 real kills; a rerun that resumes late may finish before its moment
+    while kills < 5 and attempts < 15:  # 5 real kills; a rerun that resumes late may finish before its moment
         attempts += 1
         proc = subprocess.Popen(
             [sys.executable, "pretrain.py", *args, f"output_dir={run}"],
@@ -149,7 +151,7 @@ def test_ten_random_kills_end_bit_identical(tmp_path):
             assert step_losses(run) == step_losses(tmp_path / "straight")
             shutil.rmtree(run)
     run_pretrain([*args, f"output_dir={run}"])
-    assert kills == 10
+    assert kills == 5
     assert step_losses(run) == step_losses(tmp_path / "straight")
     assert knn_lines(run) == knn_lines(tmp_path / "straight")
     assert (run / "backbone.safetensors").read_bytes() == (tmp_path / "straight" / "backbone.safetensors").read_bytes()
