@@ -6,13 +6,12 @@ exact step, so the moment is deterministic.
 A 2-process tiny run: 256 images in global batches of 64 (4 steps, one epoch), monitor off (it is not what these
 tests check, and a kNN pass per run would double their time)."""
 
-import re
 import signal
 
 import pytest
 
 from batchssl.checkpoint import complete_checkpoints
-from helpers import REPO, free_port, run_entry, run_pretrain, step_lines, step_losses
+from helpers import DIST_ENV, REPO, free_port, rank_exit_codes, run_entry, run_pretrain, step_lines, step_losses
 
 KILL_AT = REPO / "tests" / "helpers" / "kill_at.py"
 SMALL = [
@@ -23,8 +22,6 @@ SMALL = [
     "train.log_every_n_steps=1",
     "monitor.enabled=false",
 ]
-# A lost peer shows as a closed connection at once; the timeout only bounds a hang if it did not.
-ENV = {"BATCHSSL_DIST_TIMEOUT_S": "120"}
 
 
 def same_run(a, b):
@@ -33,16 +30,10 @@ def same_run(a, b):
     assert (a / "backbone.safetensors").read_bytes() == (b / "backbone.safetensors").read_bytes()
 
 
-def rank_exit_codes(stderr: str) -> dict[int, int]:
-    """{rank: exit code} from torchrun's failure summary."""
-    found = re.findall(r"rank\s*: (\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*: (-?\d+)", stderr)
-    return {int(rank): int(code) for rank, code in found}
-
-
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     out = tmp_path_factory.mktemp("straight2")
-    run_pretrain([*SMALL, f"output_dir={out}"], nproc=2, env=ENV)
+    run_pretrain([*SMALL, f"output_dir={out}"], nproc=2, env=DIST_ENV)
     return out
 
 
@@ -50,7 +41,17 @@ def test_signal_to_one_worker_stops_every_rank_at_the_same_step(tmp_path, straig
     """SIGUSR1 to rank 1's process only (as `kill -USR1 PID` or Slurm's --signal to one task) after step 2."""
     args = [*SMALL, f"output_dir={tmp_path}"]
     stopped = run_entry(
-        KILL_AT, "--step", "2", "--rank", "1", "--send", "SIGUSR1", *args, launcher="torchrun", check=False, env=ENV
+        KILL_AT,
+        "--step",
+        "2",
+        "--rank",
+        "1",
+        "--send",
+        "SIGUSR1",
+        *args,
+        launcher="torchrun",
+        check=False,
+        env=DIST_ENV,
     )
     assert stopped.returncode != 0
     assert rank_exit_codes(stopped.stderr) == {0: 128 + signal.SIGUSR1, 1: 128 + signal.SIGUSR1}, stopped.stderr
@@ -58,7 +59,7 @@ def test_signal_to_one_worker_stops_every_rank_at_the_same_step(tmp_path, straig
     assert stopped.stdout.count("stopped by SIGUSR1 after step 2") == 1, stopped.stdout
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_00000002"]
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
-    resumed = run_pretrain(args, nproc=2, env=ENV)
+    resumed = run_pretrain(args, nproc=2, env=DIST_ENV)
     assert "resumed from" in resumed.stdout
     same_run(tmp_path, straight)
 
@@ -89,6 +90,6 @@ def test_elastic_restart_after_a_worker_is_killed_resumes_exactly(tmp_path, stra
         "checkpoint.every_n_steps=2",
         f"output_dir={tmp_path}",
     ]
-    done = run_entry(*cmd, env={"OMP_NUM_THREADS": "1", **ENV})
+    done = run_entry(*cmd, env={"OMP_NUM_THREADS": "1", **DIST_ENV})
     assert f"resumed from {tmp_path / 'checkpoints' / 'step_00000002'}" in done.stdout, done.stdout
     same_run(tmp_path, straight)

@@ -19,18 +19,19 @@ from batchssl.errors import UserError
 from batchssl.preemption import EXIT_BASE, Stopped, parse_signals
 from batchssl.train import Callback, train
 from helpers import (
+    DIST_ENV,
     REPO,
     TINY,
     fake_fashion_mnist_split,
     knn_lines,
     own_process_state,
+    rank_exit_codes,
     run_entry,
     step_lines,
     step_losses,
 )
 from helpers import SHRUNK as SHRUNK_DEFAULT
-from test_elastic import ENV, rank_exit_codes
-from test_slurm import install_stubs
+from helpers.slurm_stubs import install_stubs
 
 # 64 fake images in batches of 16: 4 steps an epoch, 2 epochs, a kNN line and an epoch checkpoint each epoch.
 SHRUNK = [
@@ -190,7 +191,7 @@ def test_full_disk_on_one_rank_of_two_stops_every_rank_with_one_line(rank, tmp_p
     args = [*TINY, "monitor.enabled=false", "checkpoint.every_n_steps=1", f"output_dir={tmp_path}"]
     script = REPO / "tests" / "helpers" / "full_disk_at.py"
     failed = run_entry(
-        script, "--checkpoint", "step_00000002", "--rank", rank, *args, launcher="torchrun", check=False, env=ENV
+        script, "--checkpoint", "step_00000002", "--rank", rank, *args, launcher="torchrun", check=False, env=DIST_ENV
     )
     assert rank_exit_codes(failed.stderr) == {0: 2, 1: 2}, failed.stderr[-3000:]
     errors = [line for line in failed.stderr.splitlines() if "error:" in line]

@@ -104,10 +104,6 @@ class CheckpointWriteError(UserError):
     """A checkpoint (or the backbone file beside it) could not be written. Every process of the run raises it
     together with the same message; `quiet` on all but the main process, so that the run says it once."""
 
-    def __init__(self, message: str, quiet: bool = False):
-        super().__init__(message)
-        self.quiet = quiet
-
 
 # torch.save's zip writer (optimizer.bin, every rank's RNG file) drops the errno of a failed write: on a full disk it
 # raises RuntimeError("[enforce fail at inline_container.cc:...] . unexpected pos ...") or an iostream error.

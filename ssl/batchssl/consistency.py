@@ -75,25 +75,16 @@ def check_same_config(cfg: Any, code: str | None = None, group=None) -> str:
     everyone: list[dict] = [None] * dist.get_world_size(group)  # type: ignore[list-item]
     dist.all_gather_object(everyone, mine, group=group)
     if len({entry["hash"] for entry in everyone}) > 1:
-        _stop_together(group)
-        error = UserError(describe_mismatch(everyone))
-        error.quiet = dist.get_rank(group) != 0  # every process stops with it; the first one says it
-        raise error
+        import signal
+
+        from batchssl.preemption import ignore_signals
+
+        # Once one process exits, torchrun's agent SIGTERMs the others, which could kill rank 0 before it prints
+        # the line: every process ignores SIGTERM first, and the barrier makes that true of all before any leaves.
+        ignore_signals([signal.SIGTERM])
+        dist.barrier(group=group)
+        raise UserError(describe_mismatch(everyone), quiet=dist.get_rank(group) != 0)
     return mine["hash"]
-
-
-def _stop_together(group) -> None:
-    """Before the processes leave with the mismatch: once one exits, torchrun's agent SIGTERMs the others, which
-    could kill rank 0 before it prints the line; every process ignores SIGTERM first, and the barrier makes that
-    true of all of them before any leaves."""
-    import signal
-    import threading
-
-    import torch.distributed as dist
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    dist.barrier(group=group)
 
 
 def describe_mismatch(everyone: list[dict]) -> str:

@@ -5,7 +5,14 @@ from contextlib import contextmanager
 
 
 class UserError(Exception):
-    """Bad input from the user: config, data, checkpoint. The message is the whole report."""
+    """Bad input from the user: config, data, checkpoint. The message is the whole report.
+
+    quiet: raised by every process of a run together (a config mismatch, a failed checkpoint write), where the main
+    process prints the line and the others only exit, so that the run says it once."""
+
+    def __init__(self, message: str = "", quiet: bool = False):
+        super().__init__(message)
+        self.quiet = quiet
 
 
 class NonFiniteLossError(UserError):
@@ -18,7 +25,7 @@ def exit_on_user_error(prog: str):
     try:
         yield
     except UserError as err:
-        if not getattr(err, "quiet", False):  # raised by every process of a run together: the main one says it
+        if not err.quiet:
             print(f"{prog}: error: {one_line(str(err))}", file=sys.stderr, flush=True)
         sys.exit(2)
 

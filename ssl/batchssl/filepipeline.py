@@ -12,10 +12,10 @@ torchvision's `RandomResizedCrop.get_params` on that image's own height and widt
 only on (seed, epoch, step, position) and the file: not on the number of processes or loader workers, nor on a
 resume. One loader item is one step's rows for this process: workers cut whole batches, delivered in step order.
 
-data.decode gpu (auto on a CUDA training device): workers read the files and draw the boxes as above but decode
-only what nvJPEG cannot take; the training process decodes the other rows' JPEGs in one batched call on the device
-and cuts their crops there (`decode.decode_crops_on_device`). Same boxes, so the same resume and N-process rules;
-the pixels differ from the CPU path's by the decoders' and filters' rounding (full scale, not DCT-reduced).
+data.decode gpu (auto stays cpu until it is measured on a GPU): workers read the files and draw the boxes as above
+but decode only what nvJPEG cannot take; the training process decodes the other rows' JPEGs in one batched call on
+the device and cuts their crops there (`decode.decode_crops_on_device`). Same boxes, so the same resume and N-process
+rules; the pixels differ from the CPU path's by the decoders' and filters' rounding (full scale, not DCT-reduced).
 """
 
 from __future__ import annotations
@@ -297,23 +297,22 @@ def build_split_pipeline(
     Shards are streamed (each process its own, sequentially) unless a cut of the pretraining split (data.limit,
     holdout, pretrain_limit, imbalance_ratio) needs its rows: then they are read by random access."""
     d = cfg.data
-    if d.name in ("imagefolder", "shards"):
-        on_device = decode_on_device(d.decode, device)
+    if d.name not in ("imagefolder", "shards"):
+        raise UserError(
+            f"data.pipeline=split reads image files; {d.name} is held in memory: use data.pipeline=device (or auto)"
+        )
+    on_device = decode_on_device(d.decode, device)
     if d.name == "imagefolder":
         return SplitPipeline(cfg, info, image_folder_source(cfg), device, rank, world, device_decode=on_device)
-    if d.name == "shards":
-        from batchssl.shards import ShardStream
+    from batchssl.shards import ShardStream
 
-        if d.limit is None and d.pretrain_limit is None and d.holdout == 0 and d.imbalance_ratio == 1:
-            stream = ShardStream(d.root, cfg.seed, cfg.train.batch_size, rank, world, d.shuffle_buffer)
-            return SplitPipeline(cfg, info, None, device, rank, world, stream=stream, device_decode=on_device)
-        from batchssl.data import Rows, _pretrain_rows
+    if d.limit is None and d.pretrain_limit is None and d.holdout == 0 and d.imbalance_ratio == 1:
+        stream = ShardStream(d.root, cfg.seed, cfg.train.batch_size, rank, world, d.shuffle_buffer)
+        return SplitPipeline(cfg, info, None, device, rank, world, stream=stream, device_decode=on_device)
+    from batchssl.data import Rows, _pretrain_rows
 
-        base, rows = _pretrain_rows(d)
-        return SplitPipeline(cfg, info, _RowsSource(Rows(base, rows)), device, rank, world, device_decode=on_device)
-    raise UserError(
-        f"data.pipeline=split reads image files; {d.name} is held in memory: use data.pipeline=device (or auto)"
-    )
+    base, rows = _pretrain_rows(d)
+    return SplitPipeline(cfg, info, _RowsSource(Rows(base, rows)), device, rank, world, device_decode=on_device)
 
 
 def decode_on_device(choice: str, device: torch.device) -> bool:

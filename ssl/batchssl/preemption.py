@@ -82,11 +82,8 @@ class StopRequests:
         the others, which may still be on their way out (releasing the lock, tearing down the interpreter, where
         Python resets its own handlers to the default); a rank that has agreed to stop ignores the signals from now
         on and exits with the agreed code instead of as killed."""
-        if threading.current_thread() is not threading.main_thread():
-            return
         self._previous = {}  # nothing to restore: the process is leaving
-        for sig in {*self.signals, signal.SIGTERM}:
-            signal.signal(sig, signal.SIG_IGN)
+        ignore_signals({*self.signals, signal.SIGTERM})
 
     def _handle(self, signum: int, frame) -> None:
         if signum == signal.SIGINT and self.signum == signal.SIGINT and not self.writing:
@@ -102,6 +99,14 @@ class StopRequests:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
         self.signum = self.signum or int(flag.item())  # a later local signal is then a repeat
         return int(flag.item())
+
+
+def ignore_signals(signals) -> None:
+    """Ignore `signals` from now on (main thread only: Python handles signals there). For a process on its way out
+    with the rest of its group, which torchrun's agent SIGTERMs once the first of them has exited."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in signals:
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def join_restarted_group() -> None:

@@ -210,3 +210,15 @@ def step_lines(run_dir: Path) -> list[int]:
 def knn_lines(run_dir: Path) -> list[tuple[int, float, float]]:
     """(epoch, top-1, top-5) of every kNN monitor line, in file order (repeats included)."""
     return [(m["epoch"], m["knn_top1"], m["knn_top5"]) for m in read_metrics(run_dir) if "knn_top1" in m]
+
+
+# Two-process tests: a lost peer shows as a closed connection at once; the timeout only bounds a hang if it did not.
+DIST_ENV = {"BATCHSSL_DIST_TIMEOUT_S": "120"}
+
+
+def rank_exit_codes(stderr: str) -> dict[int, int]:
+    """{rank: exit code} from torchrun's failure summary."""
+    import re
+
+    found = re.findall(r"rank\s*: (\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*: (-?\d+)", stderr)
+    return {int(rank): int(code) for rank, code in found}
