@@ -20,7 +20,6 @@ from batchssl.build import build_training, resolve_precision
 from batchssl.config import load_config
 from batchssl.data import dataset_info
 from batchssl.distributed import make_accelerator
-from batchssl.optim import apply_lr
 from batchssl.pipeline import DevicePipeline
 from batchssl.train import train_step
 
@@ -48,8 +47,8 @@ def main() -> None:
     steps = pipeline.steps_per_epoch
 
     def step(i: int, views) -> torch.Tensor:
-        apply_lr(optimizer, schedule.lr(i), schedule.peak)
-        return train_step(method, optimizer, accelerator, views, i, schedule.total_steps, cfg.train.max_grad_norm)[1]
+        schedule.apply(optimizer, i)
+        return train_step(method, optimizer, accelerator, views, i, schedule.total_steps, cfg.train)[1]
 
     def sync(values: torch.Tensor) -> None:
         values.tolist()

@@ -2,7 +2,7 @@
 side by side in one process, from the library's own parts.
 
 One step is what the trainer does (batchssl.train): the model and optimiser made by `batchssl.build.build_model`
-(as every run builds them), the scheduled lr (`build.Schedule`, `optim.apply_lr` over the method's parameter
+(as every run builds them), the scheduled lr (`build.Schedule.apply` over the method's parameter
 groups), then `batchssl.train.train_step` (forward of both views, backward through the Accelerator, optimiser
 step, zero_grad). images/s counts each image once (two views each).
 
@@ -49,7 +49,6 @@ from batchssl.cpu import tune_malloc
 from batchssl.data import DatasetInfo, dataset_info, load_split
 from batchssl.distributed import make_accelerator
 from batchssl.errors import UserError, exit_on_user_error
-from batchssl.optim import apply_lr
 from batchssl.train import train_step
 from batchssl.views import DeviceViews
 
@@ -181,7 +180,7 @@ class Variant:
         sync(self.accelerator.device)
         start = time.perf_counter()
         for _ in range(steps):
-            apply_lr(self.optimizer, self.schedule.lr(self.step), self.schedule.peak)
+            self.schedule.apply(self.optimizer, self.step)
             train_step(
                 self.model,
                 self.optimizer,
@@ -189,7 +188,7 @@ class Variant:
                 self.make_views(self.step),
                 self.step,
                 TOTAL_STEPS,
-                self.cfg.train.max_grad_norm,
+                self.cfg.train,
             )
             self.step += 1
         sync(self.accelerator.device)

@@ -15,6 +15,7 @@ from batchssl.config import MethodConfig, OptimConfig, load_config
 from batchssl.files import atomic_write, temp_path
 from batchssl.methods.momentum import moco_momentum
 from batchssl.optim import LARS, apply_lr, scheduled_lr, warmup_cosine
+from helpers import REPO
 
 
 def _groups(model: nn.Module) -> list[dict]:
@@ -114,3 +115,101 @@ def test_atomic_write_replaces_whole_files_readable_by_all(tmp_path):
     finally:
         os.umask(umask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644  # a writer that creates 0600 still gives 0644
+
+
+# ------------------------------------------- Barlow Twins' bias lr, DINO's weight-decay schedule and clipping
+
+
+def test_bias_lr_ratio_of_the_barlow_twins_recipe_scales_biases_and_norms_only():
+    from batchssl.config import BatchFormerConfig
+    from batchssl.methods import METHODS
+
+    cfg = load_config(REPO / "recipes" / "imagenet" / "barlowtwins_bf.yaml")
+    assert cfg.optim.bias_lr_ratio == pytest.approx(0.0048 / 0.2)  # the official code's two lrs
+    head = MethodConfig(name="barlowtwins", proj_hidden_dim=16, proj_dim=16, proj_layers=3)
+    backbone = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.BatchNorm1d(8))
+    method = METHODS["barlowtwins"](backbone, 8, head, BatchFormerConfig(enabled=True, dropout=0.0, lr_scale=0.5))
+    opt = torch.optim.SGD(method.parameter_groups(cfg.optim), lr=0.0)
+    apply_lr(opt, lr=1.6, peak=1.6)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    ratio = cfg.optim.bias_lr_ratio
+    for name, part, scale in (("backbone", method.backbone, 1.0), ("batchformer", method.batchformer, 0.5)):
+        for pname, p in part.named_parameters():
+            expected = 1.6 * scale * (1.0 if p.ndim > 1 else ratio)
+            assert lr_of[id(p)] == pytest.approx(expected), (name, pname)
+    # Biases and norms: no decay; weights: the recipe's decay.
+    for g in opt.param_groups:
+        assert g["weight_decay"] == (cfg.optim.weight_decay if g["decays"] else 0.0)
+        assert g["decays"] == all(p.ndim > 1 for p in g["params"])
+
+
+def test_weight_decay_schedule_is_dinos_cosine_on_the_weights_only():
+    from batchssl.build import Schedule
+    from batchssl.optim import scheduled_weight_decay
+
+    cfg = load_config(None, ["optim.weight_decay=0.04", "optim.weight_decay_end=0.4", "optim.warmup_epochs=2"])
+    # DINO's cosine_scheduler(0.04, 0.4, epochs, steps): no warmup, start at 0.04, half way 0.22, end at 0.4.
+    assert scheduled_weight_decay(cfg.optim, 0, 100) == pytest.approx(0.04)
+    assert scheduled_weight_decay(cfg.optim, 50, 100) == pytest.approx(0.22)
+    assert scheduled_weight_decay(cfg.optim, 25, 100) == pytest.approx(
+        0.4 + 0.5 * (0.04 - 0.4) * (1 + math.cos(math.pi / 4))
+    )
+    assert scheduled_weight_decay(cfg.optim, 100, 100) == pytest.approx(0.4)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    groups = _groups(model)
+    groups[0]["decays"] = True
+    opt = torch.optim.AdamW(groups, lr=0.0)
+    schedule = Schedule(cfg, total_steps=100, warmup_steps=20)
+    for step, expected in ((0, 0.04), (50, 0.22), (100, 0.4)):
+        lr = schedule.apply(opt, step)
+        assert lr == schedule.lr(step)  # the lr schedule (with its warmup) is untouched
+        assert [g["weight_decay"] for g in opt.param_groups] == pytest.approx([expected, 0.0])
+    constant = Schedule(load_config(None, ["optim.weight_decay=0.1"]), total_steps=100, warmup_steps=0)
+    constant.apply(opt, 50)  # weight_decay_end null: the groups keep what they had
+    assert [g["weight_decay"] for g in opt.param_groups] == pytest.approx([0.4, 0.0])
+
+
+def test_per_tensor_clipping_is_dinos_clip_gradients_by_hand():
+    from batchssl.optim import clip_grad_norm_per_tensor_
+
+    big, small, none = (nn.Parameter(torch.zeros(2)) for _ in range(3))
+    big.grad, small.grad = torch.tensor([3.0, 4.0]), torch.tensor([0.3, 0.4])
+    clip_grad_norm_per_tensor_([big, small, none], max_norm=1.0)
+    # |g| = 5 > 1: scaled by 1 / (5 + 1e-6); |g| = 0.5 <= 1: unchanged (a global clip would scale both by 1/5.02).
+    torch.testing.assert_close(big.grad, torch.tensor([3.0, 4.0]) / (5 + 1e-6))
+    torch.testing.assert_close(small.grad, torch.tensor([0.3, 0.4]))
+    assert none.grad is None
+
+
+@pytest.mark.parametrize("mode", ["per_tensor", "global"])
+def test_train_step_clips_as_the_dino_recipe_says(mode):
+    """train_step with the ImageNet DINO recipe's train settings (max_grad_norm 3.0, per tensor): with plain SGD at
+    lr 1 each parameter moves by its clipped gradient, so every tensor's step is at most 3.0 and, per tensor, the
+    larger ones are exactly 3.0; the global mode bounds only the norm over all of them."""
+    from accelerate import Accelerator
+
+    from batchssl.train import train_step
+
+    train = load_config(REPO / "recipes" / "imagenet" / "dino.yaml").train
+    assert (train.max_grad_norm, train.max_grad_norm_mode) == (3.0, "per_tensor")
+    train.max_grad_norm_mode = mode
+
+    class Loss(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Parameter(torch.zeros(4)), nn.Parameter(torch.zeros(4))
+
+        def forward(self, views, step, total):
+            return {"loss": (self.a * views[0]).sum() + (self.b * views[1]).sum()}
+
+    model = Loss()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    views = [torch.full((4,), 10.0), torch.full((4,), 0.1)]  # gradient norms 20 and 0.2
+    train_step(model, opt, Accelerator(cpu=True), views, 0, 1, train)
+    moved = [torch.linalg.vector_norm(p).item() for p in (model.a, model.b)]
+    if mode == "per_tensor":
+        assert moved == pytest.approx([3.0, 0.2], rel=1e-5)
+    else:
+        assert math.hypot(*moved) == pytest.approx(3.0, rel=1e-5) and moved[1] == pytest.approx(
+            0.2 * 3 / 20.001, rel=1e-3
+        )

@@ -31,12 +31,12 @@ from batchssl.distributed import convert_sync_batchnorm, init_model_group
 from batchssl.errors import UserError
 from batchssl.methods import build_method
 from batchssl.online_linear import OnlineLinear
-from batchssl.optim import build_optimizer, peak_lr, scheduled_lr
+from batchssl.optim import apply_lr, apply_weight_decay, build_optimizer, peak_lr, scheduled_lr, scheduled_weight_decay
 
 
 @dataclass(frozen=True)
 class Schedule:
-    """The run's learning rate per optimiser step (0-based), from optim.* and the run's length in steps."""
+    """The run's learning rate and weight decay per optimiser step (0-based), from optim.* and the run's length."""
 
     cfg: Config
     total_steps: int
@@ -52,6 +52,14 @@ class Schedule:
 
     def lr(self, step: int) -> float:
         return scheduled_lr(self.cfg, step, self.total_steps, self.warmup_steps)
+
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
+        """Set every group's lr (and weight decay, under optim.weight_decay_end) for `step`; returns the lr."""
+        lr = self.lr(step)
+        apply_lr(optimizer, lr, self.peak)
+        if self.cfg.optim.weight_decay_end is not None:
+            apply_weight_decay(optimizer, scheduled_weight_decay(self.cfg.optim, step, self.total_steps))
+        return lr
 
 
 @dataclass

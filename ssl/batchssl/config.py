@@ -184,6 +184,12 @@ class OptimConfig:
     # The cosine ends at peak lr x this (0: the papers' decay to zero; timm's and solo-learn's min_lr as a ratio)
     final_lr_ratio: float = 0.0
     fixed_predictor_lr: bool = False  # SimSiam: predictor keeps the initial lr (no cosine decay)
+    # The lr of biases and norm parameters (the groups without weight decay) as a ratio of the weights' lr
+    # (Barlow Twins' official code: 0.0048 / 0.2 = 0.024); 1: the same lr
+    bias_lr_ratio: float = 1.0
+    # Weight decay on a cosine from weight_decay (step 0) to this (the last step), as DINO's 0.04 -> 0.4 for
+    # ViTs; null: constant
+    weight_decay_end: float | None = None
 
 
 @dataclass
@@ -194,6 +200,9 @@ class TrainConfig:
     log_every_n_steps: int = 10
     log_with: Literal["tensorboard", "wandb"] | None = None
     max_grad_norm: float | None = None
+    # global: torch's clip of the norm over all gradients; per_tensor: each parameter's gradient clipped to its
+    # own norm max_grad_norm (DINO's official clip_gradients)
+    max_grad_norm_mode: Literal["global", "per_tensor"] = "global"
     channels_last: bool = True  # ResNets and their inputs in channels_last memory format
     # torch.compile: none, the backbone (Module.compile, parameter names unchanged), or the whole method's forward
     compile: Literal["none", "backbone", "model"] = "none"
@@ -413,6 +422,11 @@ def validate(cfg: Config) -> None:
         (all(0 <= b < 1 for b in o.betas), "optim.betas must each be in [0, 1)"),
         (o.warmup_epochs >= 0 and _finite(o.warmup_epochs), "optim.warmup_epochs must be >= 0"),
         (0 <= o.final_lr_ratio <= 1, "optim.final_lr_ratio must be in [0, 1]"),
+        (_finite(o.bias_lr_ratio) and o.bias_lr_ratio >= 0, "optim.bias_lr_ratio must be >= 0"),
+        (
+            o.weight_decay_end is None or (_finite(o.weight_decay_end) and o.weight_decay_end >= 0),
+            "optim.weight_decay_end must be >= 0 or null (constant weight decay)",
+        ),
         (cfg.checkpoint.every_n_epochs >= 0, "checkpoint.every_n_epochs must be >= 0 (0: only at the end)"),
         (cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1"),
         (m.every_n_epochs >= 0, "monitor.every_n_epochs must be >= 0 (0: only at the end)"),

@@ -1,9 +1,12 @@
 """Optimisers and schedules: the factory the trainer uses, one LARS, one warmup + cosine schedule.
 
-Parameter groups (built by a method's `parameter_groups`, or by hand) may carry two keys besides torch's own,
-read by `apply_lr` every step:
-- `lr_scale` (float, default 1): the group's lr is the scheduled lr times this (BatchFormer's `lr_scale`);
+Parameter groups (built by a method's `parameter_groups`, or by hand) may carry three keys besides torch's own,
+read every step:
+- `lr_scale` (float, default 1): the group's lr is the scheduled lr times this (BatchFormer's `lr_scale`,
+  Barlow Twins' lr of biases and norms);
 - `fixed_lr` (bool, default False): the group keeps the peak lr, no warmup or decay (SimSiam's predictor option).
+- `decays` (bool, default False): a weight-decay schedule (`optim.weight_decay_end`, DINO's) sets this group's
+  decay (`apply_weight_decay`).
 """
 
 from __future__ import annotations
@@ -42,6 +45,30 @@ def apply_lr(optimizer: torch.optim.Optimizer, lr: float, peak: float) -> None:
     """Set every group's lr from the scheduled `lr`, honouring the group keys `lr_scale` and `fixed_lr`."""
     for group in optimizer.param_groups:
         group["lr"] = (peak if group.get("fixed_lr") else lr) * group.get("lr_scale", 1.0)
+
+
+def scheduled_weight_decay(cfg: OptimConfig, step: int, total_steps: int) -> float:
+    """DINO's weight-decay schedule: a half cosine from weight_decay at step 0 to weight_decay_end at the last
+    step, no warmup (constant weight_decay when weight_decay_end is null)."""
+    if cfg.weight_decay_end is None:
+        return cfg.weight_decay
+    return warmup_cosine(step, total_steps, 0, cfg.weight_decay, end=cfg.weight_decay_end)
+
+
+def apply_weight_decay(optimizer: torch.optim.Optimizer, weight_decay: float) -> None:
+    """Set the decay of the groups marked `decays` (a method's weights); biases and norms keep none."""
+    for group in optimizer.param_groups:
+        if group.get("decays", False):
+            group["weight_decay"] = weight_decay
+
+
+@torch.no_grad()
+def clip_grad_norm_per_tensor_(parameters, max_norm: float, eps: float = 1e-6) -> None:
+    """DINO's clipping: each gradient scaled by min(1, max_norm / (|g| + eps)) on its own, not by the global norm
+    (keeps one large layer from shrinking every other layer's update). No host synchronisation."""
+    for p in parameters:
+        if p.grad is not None:
+            p.grad.mul_((max_norm / (torch.linalg.vector_norm(p.grad) + eps)).clamp(max=1.0))
 
 
 class LARS(torch.optim.Optimizer):

@@ -24,7 +24,6 @@ def plan(cfg: Config, timed_steps: int = 3) -> list[tuple[str, str]]:
     """(label, value) rows of the plan; runs 1 warm-up + `timed_steps` steps of real training on this device."""
     from batchssl.build import build_training, check_batch, resolve_precision
     from batchssl.distributed import make_accelerator
-    from batchssl.optim import apply_lr
     from batchssl.train import train_step
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -46,8 +45,8 @@ def plan(cfg: Config, timed_steps: int = 3) -> list[tuple[str, str]]:
     for step in range(1 + min(timed_steps, max(spe - 1, 0))):
         views, _ = next(batches)
         start = time.perf_counter()
-        apply_lr(optimizer, schedule.lr(step), schedule.peak)
-        _, values = train_step(method, optimizer, accelerator, views, step, total, cfg.train.max_grad_norm)
+        schedule.apply(optimizer, step)
+        _, values = train_step(method, optimizer, accelerator, views, step, total, cfg.train)
         values.tolist()  # wait for the device
         if step:  # the first step includes one-off costs (allocations, compilation)
             seconds.append(time.perf_counter() - start)

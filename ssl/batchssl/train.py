@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from batchssl import checkpoint as ckpt
 from batchssl.build import Training, build_training, check_batch, resolve_precision
 from batchssl.collapse import CollapseAlarm
-from batchssl.config import Config, to_dict
+from batchssl.config import Config, TrainConfig, to_dict
 from batchssl.consistency import check_same_config
 from batchssl.data import sample_seed
 from batchssl.distributed import make_accelerator
@@ -45,7 +45,7 @@ from batchssl.errors import NonFiniteLossError, UserError
 from batchssl.eval.frozen import feature_dtype
 from batchssl.monitor import KnnMonitor
 from batchssl.online_linear import feature_tap, gather_rows
-from batchssl.optim import apply_lr
+from batchssl.optim import clip_grad_norm_per_tensor_
 from batchssl.preemption import Stopped, StopRequests, join_restarted_group, requeue
 
 
@@ -128,14 +128,17 @@ def resume_target(cfg: Config, out: Path) -> Path | None:
 
 
 def train_step(
-    method, optimizer, accelerator: Accelerator, views, step: int, total_steps: int, max_grad_norm: float | None
+    method, optimizer, accelerator: Accelerator, views, step: int, total_steps: int, train: TrainConfig
 ) -> tuple[list[str], torch.Tensor]:
-    """Forward, backward, optimizer step. Returns the names of the numbers the method logs and their values as
-    one local float32 tensor on the device (no host synchronisation)."""
+    """Forward, backward, clipping (train.max_grad_norm, _mode), optimizer step. Returns the names of the numbers
+    the method logs and their values as one local float32 tensor on the device (no host synchronisation)."""
     outputs = method(views, step, total_steps)
     accelerator.backward(outputs["loss"])
-    if max_grad_norm:
-        accelerator.clip_grad_norm_(method.parameters(), max_grad_norm)
+    if train.max_grad_norm and train.max_grad_norm_mode == "per_tensor":
+        accelerator.unscale_gradients()  # fp16's loss scale off first, as clip_grad_norm_ does
+        clip_grad_norm_per_tensor_(method.parameters(), train.max_grad_norm)
+    elif train.max_grad_norm:
+        accelerator.clip_grad_norm_(method.parameters(), train.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     names = sorted(k for k, v in outputs.items() if v.numel() == 1)
@@ -318,8 +321,7 @@ class _Loop:
         """One optimiser step (and the online probe's); the logged numbers stay on the device."""
         run, cfg = self.run, self.cfg
         torch.manual_seed(sample_seed(cfg.seed, epoch, i, self.accelerator.process_index, _STEP_STREAM))
-        lr = run.schedule.lr(step)
-        apply_lr(run.optimizer, lr, run.schedule.peak)
+        lr = run.schedule.apply(run.optimizer, step)
         with feature_tap(run.inner.backbone) if run.online else nullcontext([]) as taps:
             names, values = train_step(
                 run.method,
@@ -328,7 +330,7 @@ class _Loop:
                 views,
                 step,
                 run.schedule.total_steps,
-                cfg.train.max_grad_norm,
+                cfg.train,
             )
         if run.online is not None:
             # Detached features of the two global views only (their rows come first: the methods run the views in

@@ -67,29 +67,29 @@ class SSLMethod(nn.Module):
         return parts
 
     def parameter_groups(self, cfg: OptimConfig) -> list[dict]:
-        """Per part, two groups: weights with weight decay, and norms/biases (ndim <= 1) without it.
+        """Per part, two groups: weights with weight decay, and norms/biases (ndim <= 1) without it (and at
+        optim.bias_lr_ratio times the lr: Barlow Twins).
 
-        The group keys `lr_scale` (BatchFormer's) and `fixed_lr` (SimSiam's predictor option) are defined in
-        batchssl.optim. LARS gives groups with weight_decay 0 no trust ratio: the MoCo v3 / BYOL exclusion of
-        biases and norms from adaptation.
+        The group keys `lr_scale` (BatchFormer's, times bias_lr_ratio), `fixed_lr` (SimSiam's predictor option) and
+        `decays` (for optim.weight_decay_end) are defined in batchssl.optim. LARS gives groups with weight_decay 0
+        no trust ratio: the MoCo v3 / BYOL exclusion of biases and norms from adaptation.
         """
         groups = []
         for name, part in self.trainable_parts().items():
             params = [p for p in part.parameters() if p.requires_grad]
             lr_scale = self.bf_cfg.lr_scale if name == "batchformer" else 1.0
             fixed = cfg.fixed_predictor_lr and name == "predictor"
-            for decay, members in (
-                (cfg.weight_decay, [p for p in params if p.ndim > 1]),
-                (0.0, [p for p in params if p.ndim <= 1]),
-            ):
+            weights, others = [p for p in params if p.ndim > 1], [p for p in params if p.ndim <= 1]
+            for decays, members in ((True, weights), (False, others)):
                 if members:
                     groups.append(
                         {
                             "params": members,
-                            "weight_decay": decay,
-                            "lr_scale": lr_scale,
+                            "weight_decay": cfg.weight_decay if decays else 0.0,
+                            "decays": decays,
+                            "lr_scale": lr_scale * (1.0 if decays else cfg.bias_lr_ratio),
                             "fixed_lr": fixed,
-                            "name": f"{name}{'' if decay else '_no_decay'}",
+                            "name": f"{name}{'' if decays else '_no_decay'}",
                         }
                     )
         return groups
