@@ -2,6 +2,7 @@
 formula, the parts each method owns (stop-gradient targets, rank offsets, DINO's centre, temperature warmup and
 frozen last layer), the BatchFormer streams, and the gathered losses on two processes against one (torchrun)."""
 
+import json
 import math
 
 import pytest
@@ -16,7 +17,7 @@ from batchssl.methods.byol import BYOL, byol_regression
 from batchssl.methods.dino import dino_loss, teacher_temperature
 from batchssl.methods.simclr import nt_xent
 from batchssl.methods.vicreg import vicreg_loss
-from helpers import REPO, run_entry
+from helpers import REPO, load_script, run_entry
 
 NEW = ["byol", "simclr", "barlowtwins", "vicreg", "dino"]
 
@@ -247,3 +248,36 @@ def test_methods_study_is_quality_py_over_every_method_beside_its_twin():
     assert all((REPO / "recipes" / "fashion_mnist" / f"{r}.yaml").is_file() for r in recipes)
     assert argv[argv.index("--out") + 1].endswith("methods_study") and argv[-4:] == ["--seeds", "0", "--holdout", "200"]
     assert study.quality_argv(["--methods", "dino", "--out", "x"]) == ["--recipes", "dino", "dino_bf", "--out", "x"]
+
+
+def test_methods_study_table_and_picture_from_quality_results(tmp_path):
+    """The study's table: means +- std of each recipe's seeds and quality.py's BF-minus-plain Welch p, by hand."""
+    from scipy.stats import ttest_ind
+
+    study = load_script("benchmarks/methods_study.py")
+    import quality  # on sys.path once methods_study is loaded, as when the script runs
+
+    def row(recipe, knn, linear):
+        return {"recipe": recipe, "method": recipe, "knn_top1": knn, "linear_top1": linear}
+
+    rows = [
+        row("byol", [80.0, 82.0, 84.0], [85.0, 85.5, 86.0]),
+        row("byol_bf", [83.0, 84.0, 85.0], [86.0, 86.0, 86.6]),
+        row("dino", [70.0, 71.0, 72.0], [75.0, 76.0, 77.0]),  # no twin: not in the table
+    ]
+    results = {"rows": rows, "bf_vs_plain": quality.bf_effects(rows, ["knn_top1", "linear_top1"]), "seeds": [0, 1, 2]}
+    table = study.study_table(results).splitlines()
+    p_knn = ttest_ind([83.0, 84.0, 85.0], [80.0, 82.0, 84.0], equal_var=False).pvalue
+    assert table[2] == (
+        f"| byol | 82.00 +- 2.00 | 84.00 +- 1.00 | +2.00 (p {p_knn:.3f}) | 85.50 +- 0.50 | 86.20 +- 0.35 | "
+        f"+0.70 (p {ttest_ind([86.0, 86.0, 86.6], [85.0, 85.5, 86.0], equal_var=False).pvalue:.3f}) |"
+    )
+    assert len([line for line in table if line.startswith("| ")]) == 2  # the header and byol; dino has no BF twin
+    argv = study.quality_argv(["--seeds", "0", "--holdout", "200", "--out", str(tmp_path), "--tag", "_x"])
+    path = study.results_path(argv)
+    assert path == tmp_path / "holdout200" / "quality_x.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(results))
+    study.report(path)
+    assert (path.parent / "study.md").read_text() == study.study_table(results)
+    assert (path.parent / "methods_study.png").stat().st_size > 10_000
