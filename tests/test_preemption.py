@@ -182,6 +182,73 @@ def test_full_disk_during_a_checkpoint_one_line_previous_intact(tmp_path, fake_d
     assert not (tmp_path / LOCK_FILE).exists() or RunLock(tmp_path, "test").acquire().release() is None
 
 
+def test_full_disk_while_appending_metrics_one_line_then_resumes_exactly(tmp_path, fake_data, straight, monkeypatch):
+    """The disk fills up while metrics.jsonl gets step 6's line: half the line is written, then ENOSPC. The run
+    stops with one line naming the intact checkpoint; once there is space, the same command ends as the
+    uninterrupted run (the half line dropped, steps 5-6 logged once)."""
+    from pathlib import Path
+
+    real_open, failed = Path.open, []
+
+    def open_(self, mode="r", *args, **kwargs):
+        f = real_open(self, mode, *args, **kwargs)
+        if self.name == "metrics.jsonl" and mode == "a" and len(step_lines(self.parent)) == 5 and not failed:
+            failed.append(True)
+            f.write('{"epoch": 2, "st')
+            f.close()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return f
+
+    monkeypatch.setattr(Path, "open", open_)
+    with pytest.raises(UserError) as err:
+        run(tmp_path)
+    monkeypatch.setattr(Path, "open", real_open)
+    message = str(err.value)
+    assert message.startswith(f"no space left in {tmp_path}: ") and "\n" not in message
+    assert "the checkpoint epoch_0001 is complete" in message
+    RunLock(tmp_path, "test").acquire().release()
+    run(tmp_path)
+    same_run(tmp_path, straight)
+
+
+def _write_on_main_of_two(rank: int, directory: str, results) -> None:
+    """One of two gloo processes: rank 0's append to metrics.jsonl fails with ENOSPC inside write_on_main."""
+    import torch.distributed as dist
+
+    from batchssl.checkpoint import CheckpointWriteError, write_on_main
+
+    dist.init_process_group("gloo", init_method=f"file://{directory}/store", rank=rank, world_size=2)
+
+    class Accel:  # what write_on_main reads of an Accelerator
+        num_processes, process_index, is_main_process = 2, rank, rank == 0
+
+    def append():
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    try:
+        write_on_main(Accel(), append, f"{directory}/metrics.jsonl", need=100)
+        results.put((rank, "returned"))
+    except CheckpointWriteError as err:
+        results.put((rank, (str(err), err.quiet)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_write_on_main_failure_on_rank_0_raises_the_same_line_on_both_ranks(tmp_path):
+    """The agreement behind metrics.jsonl and the backbone export: only rank 0 writes, and its failure reaches rank
+    1 (no hang at the next collective), with one message, quiet on rank 1."""
+    import multiprocessing
+
+    import torch.multiprocessing as mp
+
+    results = multiprocessing.get_context("fork").SimpleQueue()
+    mp.start_processes(_write_on_main_of_two, args=(str(tmp_path), results), nprocs=2, start_method="fork")
+    by_rank = dict(results.get() for _ in range(2))
+    (line0, quiet0), (line1, quiet1) = by_rank[0], by_rank[1]
+    assert line0 == line1 and line0.startswith(f"no space left in {tmp_path}: ") and "no checkpoint exists" in line0
+    assert (quiet0, quiet1) == (False, True)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("rank", [1, 0])
 def test_full_disk_on_one_rank_of_two_stops_every_rank_with_one_line(rank, tmp_path):

@@ -221,15 +221,17 @@ def stage_checkpoint(accelerator, output_dir: str | Path, state: dict, name: str
     return tmp
 
 
-def write_on_main(accelerator, write, path: str | Path, group=None) -> None:
-    """Collective: `write()` (of the file `path`, e.g. the exported backbone) on the main process; an I/O failure
-    raises CheckpointWriteError on every process, as a failed checkpoint does."""
+def write_on_main(accelerator, write, path: str | Path, group=None, need: int | None = None) -> None:
+    """Collective: `write()` (of the file `path` in the run directory: the exported backbone, a line of
+    metrics.jsonl) on the main process; an I/O failure raises CheckpointWriteError on every process, as a failed
+    checkpoint does. `need`: the bytes the write takes, for the message (default: the size of the previous file)."""
     path = Path(path)
     failed = _agree(accelerator, _attempt(write) if accelerator.is_main_process else None, group)
     if failed:
         newest = latest_checkpoint(path.parent)
         kept = f"the checkpoint {newest.name} is complete" if newest else "no checkpoint exists yet"
-        need = path.stat().st_size if path.is_file() else 0  # the previous export's size
+        if need is None:
+            need = path.stat().st_size if path.is_file() else 0
 
         def describe(err: OSError) -> str:
             temp_path(path).unlink(missing_ok=True)  # atomic_write's partial file

@@ -76,13 +76,19 @@ class Callback:
 class MetricsLog:
     """metrics.jsonl (main process) plus the optional Accelerate trackers."""
 
-    def __init__(self, accelerator: Accelerator, path: Path, trackers: bool):
-        self.accelerator, self.path, self.trackers = accelerator, path, trackers
+    def __init__(self, accelerator: Accelerator, path: Path, trackers: bool, group=None):
+        self.accelerator, self.path, self.trackers, self.group = accelerator, path, trackers, group
 
     def write(self, record: dict) -> None:
-        if self.accelerator.is_main_process:
+        """Collective: every process calls it. A failed append (a full disk) stops every process with one line,
+        as a failed checkpoint does; a half-written last line is dropped when the run resumes."""
+        line = json.dumps(record) + "\n"
+
+        def append() -> None:
             with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(line)
+
+        ckpt.write_on_main(self.accelerator, append, self.path, self.group, need=len(line))
         if self.trackers:
             numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
             self.accelerator.log(numbers, step=record["step"])
@@ -252,7 +258,7 @@ class _Loop:
         self.stop = stop
         self.monitor = KnnMonitor(cfg, run.info) if cfg.monitor.enabled else None
         self.eval_dtype = feature_dtype(precision)
-        self.log = MetricsLog(accelerator, out / "metrics.jsonl", trackers=bool(cfg.train.log_with))
+        self.log = MetricsLog(accelerator, out / "metrics.jsonl", bool(cfg.train.log_with), stop.group)
         self.alarm = CollapseAlarm(cfg.method.proj_dim, cfg.monitor.collapse_fraction, cfg.monitor.collapse_patience)
         self.last: dict = {}
         self.postfix: dict = {}  # the progress bar's kNN / online numbers, from the latest monitor line
@@ -396,9 +402,9 @@ class _Loop:
 
     def monitor_epoch(self, done: int) -> None:
         result = self.monitor(self.run.inner.backbone, self.accelerator, self.eval_dtype, self.run.online)
+        self.log.write({"epoch": done, "step": done * self.run.steps_per_epoch, **result})  # the main's result
         if not self.accelerator.is_main_process:
             return
-        self.log.write({"epoch": done, "step": done * self.run.steps_per_epoch, **result})
         self.postfix = {"knn": f"{result['knn_top1']:.2f}"}
         line = f"epoch {done}: kNN top-1 {result['knn_top1']:.2f} top-5 {result['knn_top5']:.2f}"
         if "online_top1" in result:
