@@ -62,6 +62,16 @@ def apply_weight_decay(optimizer: torch.optim.Optimizer, weight_decay: float) ->
             group["weight_decay"] = weight_decay
 
 
+def clip_gradients(accelerator, parameters, max_norm: float, mode: str) -> None:
+    """train.max_grad_norm: the global norm (torch's clip through Accelerate) or each tensor's own (DINO's);
+    under fp16 the loss scale comes off the gradients first, as Accelerate's clip does."""
+    if mode == "per_tensor":
+        accelerator.unscale_gradients()
+        clip_grad_norm_per_tensor_(parameters, max_norm)
+    else:
+        accelerator.clip_grad_norm_(parameters, max_norm)
+
+
 @torch.no_grad()
 def clip_grad_norm_per_tensor_(parameters, max_norm: float, eps: float = 1e-6) -> None:
     """DINO's clipping: each gradient scaled by min(1, max_norm / (|g| + eps)) on its own, not by the global norm

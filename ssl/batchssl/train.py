@@ -45,7 +45,7 @@ from batchssl.errors import NonFiniteLossError, UserError
 from batchssl.eval.frozen import feature_dtype
 from batchssl.monitor import KnnMonitor
 from batchssl.online_linear import feature_tap, gather_rows
-from batchssl.optim import clip_grad_norm_per_tensor_
+from batchssl.optim import clip_gradients
 from batchssl.preemption import Stopped, StopRequests, join_restarted_group, requeue
 
 
@@ -140,11 +140,8 @@ def train_step(
     the method logs and their values as one local float32 tensor on the device (no host synchronisation)."""
     outputs = method(views, step, total_steps)
     accelerator.backward(outputs["loss"])
-    if train.max_grad_norm and train.max_grad_norm_mode == "per_tensor":
-        accelerator.unscale_gradients()  # fp16's loss scale off first, as clip_grad_norm_ does
-        clip_grad_norm_per_tensor_(method.parameters(), train.max_grad_norm)
-    elif train.max_grad_norm:
-        accelerator.clip_grad_norm_(method.parameters(), train.max_grad_norm)
+    if train.max_grad_norm:
+        clip_gradients(accelerator, method.parameters(), train.max_grad_norm, train.max_grad_norm_mode)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     names = sorted(k for k, v in outputs.items() if v.numel() == 1)
