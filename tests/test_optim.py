@@ -213,3 +213,12 @@ def test_train_step_clips_as_the_dino_recipe_says(mode):
         assert math.hypot(*moved) == pytest.approx(3.0, rel=1e-5) and moved[1] == pytest.approx(
             0.2 * 3 / 20.001, rel=1e-3
         )
+
+
+def test_plan_states_the_weight_decay_and_bias_lr_as_the_groups_get_them():
+    from batchssl.plan import _weight_decay
+
+    dino = load_config(None, ["optim.weight_decay=0.04", "optim.weight_decay_end=0.4"]).optim
+    assert _weight_decay(dino) == "cosine 0.04 -> 0.4 on weights; biases and norms none"
+    barlow = load_config(REPO / "recipes" / "imagenet" / "barlowtwins.yaml").optim
+    assert _weight_decay(barlow) == "1.5e-06 on weights; biases and norms none, at 0.024 x the lr"

@@ -68,8 +68,9 @@ def plan(cfg: Config, timed_steps: int = 3) -> list[tuple[str, str]]:
             f"peak {schedule.peak:g} (base {cfg.optim.base_lr:g} x {cfg.train.batch_size} / 256), "
             f"{cfg.optim.name}, warmup {warmup} steps then "
             f"{_decay(schedule.peak, cfg.optim.final_lr_ratio)}"
-            + (f"; MoCo momentum {_momentum(cfg.method)}" if cfg.method.name == "mocov3" else ""),
+            + (f"; {_target(cfg.method.name)} momentum {_momentum(cfg.method)}" if momentum else ""),
         ),
+        ("weight decay", _weight_decay(cfg.optim)),
         ("steps", f"{spe} per epoch x {cfg.train.epochs} epochs = {total}"),
         (
             "parameters",
@@ -89,6 +90,21 @@ def plan(cfg: Config, timed_steps: int = 3) -> list[tuple[str, str]]:
 
 def _decay(peak: float, final_ratio: float) -> str:
     return "constant" if final_ratio == 1 else f"cosine to {peak * final_ratio:g}"
+
+
+def _target(method: str) -> str:
+    return {"mocov3": "MoCo", "dino": "teacher"}.get(method, "target")
+
+
+def _weight_decay(optim) -> str:
+    """The decay of the weights (biases and norms get none) and the lr ratio of those, as the optimiser groups."""
+    decay = (
+        f"{optim.weight_decay:g}"
+        if optim.weight_decay_end is None
+        else (f"cosine {optim.weight_decay:g} -> {optim.weight_decay_end:g}")
+    )
+    ratio = f", at {optim.bias_lr_ratio:g} x the lr" if optim.bias_lr_ratio != 1 else ""
+    return f"{decay} on weights; biases and norms none{ratio}"
 
 
 def _momentum(method) -> str:
