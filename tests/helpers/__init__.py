@@ -148,9 +148,10 @@ def own_process_state(threads: int = 1):
         AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def pretrain_in_process(args) -> dict:
+def pretrain_in_process(args, threads: int = 1) -> dict:
     """What `python pretrain.py [--config RECIPE] key=value ...` trains, in this process (without the entry point's
-    process-wide tuning); returns train()'s last logged line."""
+    process-wide tuning), on `threads` CPU threads; returns train()'s last logged line. A run compared bit for bit
+    with a subprocess's must use the subprocess's thread count (OMP_NUM_THREADS): a loss's last bits depend on it."""
     from batchssl.config import DEFAULT_RECIPE, load_config
     from batchssl.train import train
 
@@ -158,7 +159,7 @@ def pretrain_in_process(args) -> dict:
     recipe = REPO / DEFAULT_RECIPE
     if args[:1] == ["--config"]:
         recipe, args = REPO / args[1], args[2:]
-    with own_process_state():
+    with own_process_state(threads):
         return train(load_config(recipe, args))
 
 
