@@ -7,9 +7,21 @@ import os
 import pytest
 import torch
 
-from helpers import TINY, load_script, main_in_process, pretrain_in_process, read_metrics, run_entry, step_losses
+from helpers import (
+    SHRUNK,
+    TINY,
+    load_script,
+    main_in_process,
+    pretrain_in_process,
+    read_metrics,
+    run_entry,
+    step_losses,
+)
 
 PLAN = ["pretrain.py", "--plan", *TINY]
+# What the launches below read is the thread count, set before anything is built: the default recipe (its pipeline
+# and loader settings, which the count depends on) shrunk to 2 steps of 16 small images, so its plan is quick.
+LAUNCHED_PLAN = ["pretrain.py", "--plan", *SHRUNK, "data.limit=32", "data.val_limit=32"]
 
 
 def threads_line(result) -> str:
@@ -20,17 +32,17 @@ def threads_line(result) -> str:
 def test_accelerate_launch_uses_all_cores_unless_told_otherwise():
     # The README's `accelerate launch`, a real launcher process: what it sets in its children is the point.
     cores = os.cpu_count()
-    plain = run_entry("--num_processes", "1", *PLAN, launcher="accelerate", env={"OMP_NUM_THREADS": None})
+    plain = run_entry("--num_processes", "1", *LAUNCHED_PLAN, launcher="accelerate", env={"OMP_NUM_THREADS": None})
     assert f"{cores} CPU threads each" in threads_line(plain)
     # The user's choice stands: OMP_NUM_THREADS in the launcher's environment, or Accelerate's own flag.
-    told = run_entry("--num_processes", "1", *PLAN, launcher="accelerate", env={"OMP_NUM_THREADS": "1"})
+    told = run_entry("--num_processes", "1", *LAUNCHED_PLAN, launcher="accelerate", env={"OMP_NUM_THREADS": "1"})
     assert "1 CPU threads each" in threads_line(told)
     flag = run_entry(
         "--num_processes",
         "1",
         "--num_cpu_threads_per_process",
         "1",
-        *PLAN,
+        *LAUNCHED_PLAN,
         launcher="accelerate",
         env={"OMP_NUM_THREADS": None},
     )
