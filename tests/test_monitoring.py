@@ -3,6 +3,7 @@
 
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -30,22 +31,22 @@ def threads_line(result) -> str:
 
 @pytest.mark.slow
 def test_accelerate_launch_uses_all_cores_unless_told_otherwise():
-    # The README's `accelerate launch`, a real launcher process: what it sets in its children is the point.
-    cores = os.cpu_count()
-    plain = run_entry("--num_processes", "1", *LAUNCHED_PLAN, launcher="accelerate", env={"OMP_NUM_THREADS": None})
-    assert f"{cores} CPU threads each" in threads_line(plain)
-    # The user's choice stands: OMP_NUM_THREADS in the launcher's environment, or Accelerate's own flag.
-    told = run_entry("--num_processes", "1", *LAUNCHED_PLAN, launcher="accelerate", env={"OMP_NUM_THREADS": "1"})
+    # The README's `accelerate launch`, a real launcher process: what it sets in its children is the point. The
+    # three launches are independent (each child reads only its own launcher), so they run at once: most of each is
+    # imports on one core.
+    def launch(*flags, omp):
+        return run_entry(
+            "--num_processes", "1", *flags, *LAUNCHED_PLAN, launcher="accelerate", env={"OMP_NUM_THREADS": omp}
+        )
+
+    with ThreadPoolExecutor(3) as pool:
+        plain = pool.submit(launch, omp=None)
+        # The user's choice stands: OMP_NUM_THREADS in the launcher's environment, or Accelerate's own flag.
+        told = pool.submit(launch, omp="1")
+        flag = pool.submit(launch, "--num_cpu_threads_per_process", "1", omp=None)
+        plain, told, flag = plain.result(), told.result(), flag.result()
+    assert f"{os.cpu_count()} CPU threads each" in threads_line(plain)
     assert "1 CPU threads each" in threads_line(told)
-    flag = run_entry(
-        "--num_processes",
-        "1",
-        "--num_cpu_threads_per_process",
-        "1",
-        *LAUNCHED_PLAN,
-        launcher="accelerate",
-        env={"OMP_NUM_THREADS": None},
-    )
     assert "1 CPU threads each" in threads_line(flag)
 
 
