@@ -101,6 +101,18 @@ def test_vicreg_by_hand():
     assert vicreg_loss(z1, z2, (25.0, 25.0, 1.0)).item() == pytest.approx(expected, rel=1e-6)
 
 
+def test_vicreg_covariance_term_equals_lightlys_with_its_gradient():
+    from lightly.loss.vicreg_loss import covariance_loss as lightlys
+
+    from batchssl.methods.vicreg import covariance_loss
+
+    z = torch.randn(32, 24, dtype=torch.float64, requires_grad=True)
+    ours, theirs = covariance_loss(z), lightlys(z)
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-12)
+    (g_ours,), (g_theirs,) = torch.autograd.grad(ours, z), torch.autograd.grad(theirs, z)
+    torch.testing.assert_close(g_ours, g_theirs, rtol=1e-10, atol=1e-12)
+
+
 def test_byol_symmetric_loss_by_hand_and_stop_gradient():
     p1, z2 = torch.tensor([[1.0, 0.0]], requires_grad=True), torch.tensor([[1.0, 1.0]], requires_grad=True)
     p2, z1 = torch.tensor([[0.0, 1.0]], requires_grad=True), torch.tensor([[3.0, 0.0]], requires_grad=True)
