@@ -7,8 +7,9 @@ It is benchmarks/quality.py over the 14 recipes `recipes/fashion_mnist/<method>{
 to benchmarks/out/methods_study/<split>/: quality.json and knn_over_epochs.png (quality.py's), the study's own
 table (study.md: per method plain, BF, BF minus plain with Welch's p, for kNN and the linear probe) and picture
 (methods_study.png: every seed's final number, plain beside BF, per method), and the run directories. Finished
-runs are reused, so the script resumes where it stopped: the full study (14 recipes x 3 seeds, about 10 minutes
-each alone on the 2-core reference machine) takes about 7 hours.
+runs are reused, so the script resumes where it stopped. The full study is 14 recipes x 3 seeds. On a 2-core CPU
+with native bf16 a run took about 10 minutes alone (about 7 hours in all). On one without (fp32), two runs at a
+time with one thread each took about 40 minutes a pair (about 14 hours).
 
     python benchmarks/methods_study.py                        # test split, seeds 0 1 2
     python benchmarks/methods_study.py --methods byol dino    # a subset (each with its _bf twin)
