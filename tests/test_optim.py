@@ -15,7 +15,7 @@ from batchssl.config import MethodConfig, OptimConfig, load_config
 from batchssl.files import atomic_write, temp_path
 from batchssl.methods.momentum import moco_momentum
 from batchssl.optim import LARS, apply_lr, scheduled_lr, warmup_cosine
-from helpers import REPO
+from helpers import REPO, own_process_state
 
 
 def _groups(model: nn.Module) -> list[dict]:
@@ -205,7 +205,8 @@ def test_train_step_clips_as_the_dino_recipe_says(mode):
     model = Loss()
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     views = [torch.full((4,), 10.0), torch.full((4,), 0.1)]  # gradient norms 20 and 0.2
-    train_step(model, opt, Accelerator(cpu=True), views, 0, 1, train)
+    with own_process_state():  # Accelerate's process-wide state made here is reset for the tests after
+        train_step(model, opt, Accelerator(cpu=True), views, 0, 1, train)
     moved = [torch.linalg.vector_norm(p).item() for p in (model.a, model.b)]
     if mode == "per_tensor":
         assert moved == pytest.approx([3.0, 0.2], rel=1e-5)
