@@ -7,9 +7,10 @@ It is benchmarks/quality.py over the 14 recipes `recipes/fashion_mnist/<method>{
 to benchmarks/out/methods_study/<split>/: quality.json and knn_over_epochs.png (quality.py's), the study's own
 table (study.md: per method plain, BF, BF minus plain with Welch's p, for kNN and the linear probe) and picture
 (methods_study.png: every seed's final number, plain beside BF, per method), and the run directories. Finished
-runs are reused, so the script resumes where it stopped. The full study is 14 recipes x 3 seeds. On a 2-core CPU
-with native bf16 a run took about 10 minutes alone (about 7 hours in all). On one without (fp32), two runs at a
-time with one thread each took about 40 minutes a pair (about 14 hours).
+runs are reused, so the script resumes where it stopped. The full study is 14 recipes x 3 seeds, every run in fp32
+(PRECISION below), and each run records the precision and device it trained on; the table's last line says them.
+On a 2-core CPU without native bf16, two runs at a time with one thread each took about 40 minutes a pair (about
+14 hours in all).
 
     python benchmarks/methods_study.py                        # test split, seeds 0 1 2
     python benchmarks/methods_study.py --methods byol dino    # a subset (each with its _bf twin)
@@ -30,6 +31,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))  # quality.py, imported by name as when it runs
 
 METHODS = ["simsiam", "mocov3", "byol", "simclr", "barlowtwins", "vicreg", "dino"]
+# Every run in fp32. The recipes ask for bf16, which runs in fp32 on a CPU without native bf16; the study's 42 runs
+# take several sessions, on whichever CPU each one gets, and a study whose runs differ in precision would compare
+# the precisions too. fp32 is the precision every machine has (the held-out tuning ran in it too).
+PRECISION = ["--set", "train.mixed_precision=no"]
 
 
 def quality_argv(argv: list[str]) -> list[str]:
@@ -39,7 +44,7 @@ def quality_argv(argv: list[str]) -> list[str]:
     args, rest = parser.parse_known_args(argv)
     recipes = [f"{m}{bf}" for m in args.methods for bf in ("", "_bf")]
     out = [] if "--out" in rest else ["--out", str(REPO / "benchmarks" / "out" / "methods_study")]
-    return ["--recipes", *recipes, *out, *rest]
+    return ["--recipes", *recipes, *out, *PRECISION, *rest]  # a --set of the caller's comes later and wins
 
 
 def results_path(argv: list[str]) -> Path:
@@ -76,7 +81,22 @@ def study_table(results: dict) -> str:
     seeds = results.get("seeds", [])
     seed_list = ", ".join(map(str, seeds))
     lines.append(f"\n{len(seeds)} seeds ({seed_list}), final epoch; Welch's two-sided p over the seeds.")
+    lines.append(machines_line(results["rows"]))
     return "\n".join(lines) + "\n"
+
+
+def machines_line(rows: list[dict]) -> str:
+    """What the runs trained on: one precision for all, or a warning saying which recipes ran in which."""
+    runs = [(row["recipe"], p, d) for row in rows for p, d in zip(row.get("precision", []), row.get("device", []))]
+    recipes_by_precision: dict[str, set[str]] = {}
+    for recipe, precision, _ in runs:
+        recipes_by_precision.setdefault(str(precision), set()).add(recipe)
+    devices = sorted({str(d) for _, _, d in runs})
+    where = f"on {'; '.join(devices)}" if devices else "device not recorded"
+    if len(recipes_by_precision) <= 1:
+        return f"Every run in {next(iter(recipes_by_precision), 'an unrecorded precision')}, {where}."
+    groups = "; ".join(f"{p}: {', '.join(sorted(r))}" for p, r in sorted(recipes_by_precision.items()))
+    return f"WARNING: the runs differ in precision ({groups}), {where}."
 
 
 def plot_study(results: dict, path: Path) -> None:

@@ -6,8 +6,9 @@ monitor (k and T of the recipe; equal to `python -m knn_eval`) and linear-probe 
 (sample std), with the wall time of pretraining. Beside them two floors with the same kNN (bank = the training
 images the runs use, queries = their validation split): raw pixels, and the same backbone randomly initialised
 (one per seed). For each recipe run beside its `_bf` twin on two seeds or more: BF minus plain and Welch's p.
-A PNG plots the monitor's kNN top-1 over epochs (mean over seeds) per recipe; the JSON keeps each run's curve and its
-median training images/s (over the log intervals of metrics.jsonl), and `--note` says how the runs were made.
+A PNG plots the monitor's kNN top-1 over epochs (mean over seeds) per recipe; the JSON keeps each run's curve, its
+median training images/s (over the log intervals of metrics.jsonl) and the precision and device it really trained
+in (timing.json), and `--note` says how the runs were made.
 
 Tuning happens on a held-out part of the training split, never on the test split: `--holdout 10000` adds
 `data.holdout=10000` to every run and floor (the last 10000 training images become the validation split).
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -73,8 +75,40 @@ def pretrain(recipe: str, seed: int, directory: Path, overrides: list[str]) -> f
     with open(directory.parent / f"{directory.name}.log", "w") as log:  # beside the run: its errors, if any
         subprocess.run(cmd, cwd=REPO, check=True, stdout=log, stderr=subprocess.STDOUT, env=JOB_ENV)
     seconds = time.perf_counter() - start
-    timing.write_text(json.dumps({"pretrain_seconds": seconds}))
+    timing.write_text(json.dumps({"pretrain_seconds": seconds, **machine_record(directory)}))
     return seconds
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "CPU"
+
+
+def machine_record(directory: Path) -> dict:
+    """What a run's numbers depend on beyond its config: the precision it really trained in (bf16 runs in fp32 on a
+    CPU without native bf16, and the CPU model varies between machines) and the device. A study whose runs span
+    several machines then says so, per run, instead of mixing precisions unseen."""
+    import yaml
+
+    from batchssl.cpu import effective_precision
+
+    requested = yaml.safe_load((directory / "config.yaml").read_text())["train"]["mixed_precision"]
+    on_cuda = torch.cuda.is_available()  # the run trained on the device this process sees
+    precision = effective_precision(requested, on_cpu=not on_cuda)
+    device = torch.cuda.get_device_name(0) if on_cuda else cpu_model()
+    return {"precision": "fp32" if precision == "no" else precision, "device": device}
+
+
+def run_record(directory: Path) -> dict:
+    """A finished run's timing.json: its seconds and, for runs since the record was added, precision and device."""
+    record = json.loads((directory / "timing.json").read_text())
+    return {"precision": None, "device": None, **record}
 
 
 def cached_probe_record(path: Path) -> dict | None:
@@ -266,17 +300,21 @@ def main(argv: list[str] | None = None) -> None:
         results = dict(zip(pairs, pool.map(one, pairs)))
     rows, curves = [], {}
     for recipe in args.recipes:
-        knn, probe, minutes, runs, speeds = [], [], [], [], []
+        knn, probe, minutes, runs, speeds, precisions, devices = [], [], [], [], [], [], []
         for seed in args.seeds:
             seconds, top1 = results[recipe, seed]
             metrics = read_metrics(run_dir(out, recipe, args.tag, seed))
+            record = run_record(run_dir(out, recipe, args.tag, seed))
+            precisions.append(record["precision"])
+            devices.append(record["device"])
             minutes.append(seconds / 60)
             runs.append(monitor_curve(metrics))
             speeds.append(median_images_per_s(metrics))
             knn.append(runs[-1][-1][1])  # final epoch
             probe.append(top1)
         curves[recipe + args.tag] = runs
-        # Per seed, in the order of `seeds`: the final numbers, the kNN curve [[epoch, top-1], ...] and the speed.
+        # Per seed, in the order of `seeds`: the final numbers, the kNN curve [[epoch, top-1], ...], the speed, and
+        # the precision and device it trained on (None: a run finished before they were recorded).
         rows.append(
             {
                 "recipe": recipe + args.tag,
@@ -286,6 +324,8 @@ def main(argv: list[str] | None = None) -> None:
                 "minutes": minutes,
                 "knn_curves": runs,
                 "median_images_per_s": speeds,
+                "precision": precisions,
+                "device": devices,
             }
         )
     floor = floors(args.recipes[0], args.seeds, overrides)

@@ -10,7 +10,10 @@ import statistics
 import sys
 
 import pytest
+import torch
+import yaml
 
+from batchssl.cpu import effective_precision
 from helpers import REPO, TINY, load_script, own_process_state, run_entry
 
 sys.path.insert(0, str(REPO / "benchmarks"))  # long_tail_study.py imports quality.py by name, as when run
@@ -59,6 +62,9 @@ def test_quality_benchmark_runs_two_recipes_at_once_and_reuses_them(tmp_path, ca
         ]
         assert len(speeds) >= 2 and row["median_images_per_s"] == [pytest.approx(statistics.median(speeds))]
         assert (out / f"{row['recipe']}_s0.log").is_file()  # the run's output, kept beside it
+        requested = yaml.safe_load((run / "config.yaml").read_text())["train"]["mixed_precision"]
+        trained_in = {"no": "fp32"}.get(effective_precision(requested, on_cpu=not torch.cuda.is_available()), requested)
+        assert row["precision"] == [trained_in] and row["device"] == [quality.cpu_model()]  # what it really ran in
     assert 0 < table["floors"]["raw_pixels"] <= 100 and len(table["floors"]["random_init"]) == 1
     assert (out / "knn_over_epochs.png").stat().st_size > 0
     assert table["bf_vs_plain"] == []  # one seed and no BF twin: nothing to test

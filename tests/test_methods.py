@@ -259,7 +259,12 @@ def test_methods_study_is_quality_py_over_every_method_beside_its_twin():
     assert recipes == [f"{m}{bf}" for m in ["simsiam", "mocov3", *NEW] for bf in ("", "_bf")]
     assert all((REPO / "recipes" / "fashion_mnist" / f"{r}.yaml").is_file() for r in recipes)
     assert argv[argv.index("--out") + 1].endswith("methods_study") and argv[-4:] == ["--seeds", "0", "--holdout", "200"]
-    assert study.quality_argv(["--methods", "dino", "--out", "x"]) == ["--recipes", "dino", "dino_bf", "--out", "x"]
+    pin = ["--set", "train.mixed_precision=no"]  # every study run in fp32, whatever CPU each session has
+    dino = ["--recipes", "dino", "dino_bf", *pin, "--out", "x"]
+    assert study.quality_argv(["--methods", "dino", "--out", "x"]) == dino
+    # a caller's own --set comes after the pin, so quality.py's overrides (applied in order) let it win
+    argv = study.quality_argv(["--methods", "dino", "--set", "train.mixed_precision=bf16"])
+    assert argv.index("train.mixed_precision=no") < argv.index("train.mixed_precision=bf16")
 
 
 def test_methods_study_table_and_picture_from_quality_results(tmp_path):
@@ -285,6 +290,14 @@ def test_methods_study_table_and_picture_from_quality_results(tmp_path):
         f"+0.70 (p {ttest_ind([86.0, 86.0, 86.6], [85.0, 85.5, 86.0], equal_var=False).pvalue:.3f}) |"
     )
     assert len([line for line in table if line.startswith("| ")]) == 2  # the header and byol; dino has no BF twin
+    assert table[-1] == "Every run in an unrecorded precision, device not recorded."  # rows from before the record
+    cpu = {"precision": ["fp32"] * 3, "device": ["AMD EPYC"] * 3}
+    same = [{**r, **cpu} for r in rows]
+    assert study.machines_line(same) == "Every run in fp32, on AMD EPYC."
+    same[1] = {**rows[1], "precision": ["fp32", "bf16", "fp32"], "device": ["AMD EPYC", "Intel Xeon", "AMD EPYC"]}
+    assert study.machines_line(same) == (
+        "WARNING: the runs differ in precision (bf16: byol_bf; fp32: byol, byol_bf, dino), on AMD EPYC; Intel Xeon."
+    )
     argv = study.quality_argv(["--seeds", "0", "--holdout", "200", "--out", str(tmp_path), "--tag", "_x"])
     path = study.results_path(argv)
     assert path == tmp_path / "holdout200" / "quality_x.json"
